@@ -60,13 +60,13 @@ class Config:
     thoughts: int = opt(4, "K: thoughts sampled per prompt (stage 1)")
     answers: int = opt(4, "M: answers sampled per thought (stage 2); M=1 is plain GRPO")
     prompts_per_step: int = opt(8, "prompts per optimizer step")
-    steps: int = opt(120, "GRPO-MA optimizer steps")
+    steps: int = opt(150, "GRPO-MA optimizer steps")
     # the embedded model's supervised warm-up (SPEC §4)
-    warmup_steps: int = opt(200, "supervised warm-up steps on reference solutions before RL (0: none)")
+    warmup_steps: int = opt(450, "supervised warm-up steps on reference solutions before RL (0: none)")
     warmup_lr: float = opt(1e-3, "learning rate of the supervised warm-up")
     warmup_batch: int = opt(64, "examples per supervised warm-up step")
     # optimisation
-    lr: float = opt(2e-4, "AdamW learning rate for GRPO-MA")
+    lr: float = opt(5e-5, "AdamW learning rate for GRPO-MA")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this value")
     num_iterations: int = opt(1, "mu: optimizer steps per rollout batch; 1 means ratio == 1 exactly")
     # loss (SPEC §1)
@@ -103,7 +103,7 @@ class Config:
     out: str = opt("runs/default", "output folder: config.json, metrics.jsonl, checkpoint.pt, summary.json")
     resume: bool = opt(False, "continue from OUT/checkpoint.pt with nothing lost")
     save_every: int = opt(10, "write a checkpoint every N steps")
-    eval_every: int = opt(40, "held-out evaluation every N steps (and at start and end)")
+    eval_every: int = opt(50, "held-out evaluation every N steps (and at start and end)")
     eval_size: int = opt(200, "held-out prompts per evaluation")
     gss_window: int = opt(50, "steps in the gradient-spike-score running mean")
 
@@ -633,13 +633,13 @@ def encode_prompts(tokenizer, examples: list[Example]) -> tuple[list[str], list[
     return prompts, [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
 
-def supervised_warmup(model, tokenizer, cfg: Config, data_rng: random.Random) -> None:
+def supervised_warmup(model, tokenizer, cfg: Config, data_rng: random.Random, draw) -> None:
     """A short cross-entropy warm-up on reference solutions (thought + answer tokens only), so the start
     policy knows the format and is partly right: RL then has both signal and room (SPEC §4)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
     model.train()
     for _ in tqdm(range(cfg.warmup_steps), desc="warm-up", leave=False):
-        examples = sample_examples(data_rng, cfg.task, cfg.warmup_batch, held_out=False)
+        examples = draw(data_rng, cfg.warmup_batch)
         _, prompt_ids = encode_prompts(tokenizer, examples)
         completions = [tokenizer.encode(e.thought + ANSWER_OPEN + e.answer + ANSWER_CLOSE, add_special_tokens=False)
                        + [tokenizer.eos_token_id] for e in examples]
@@ -666,12 +666,12 @@ def evaluate(model, tokenizer, examples: list[Example], cfg: Config, do_sample: 
     return correct / len(examples)
 
 
-def train_step(step: int, policy, reference, optimizer, tokenizer, cfg: Config, data_rng: random.Random,
+def train_step(step: int, policy, reference, optimizer, tokenizer, cfg: Config, data_rng: random.Random, draw,
                reward_fns, gss_history: deque) -> dict:
     """One GRPO-MA step: sample the tree, score, compute advantages, take num_iterations optimizer steps."""
     k, m = cfg.thoughts, cfg.answers
     rollout_start = time.time()
-    examples = sample_examples(data_rng, cfg.task, cfg.prompts_per_step, held_out=False)
+    examples = draw(data_rng, cfg.prompts_per_step)
     prompts, prompt_ids = encode_prompts(tokenizer, examples)
     tree = sample_tree(policy, tokenizer, prompt_ids, k, m, cfg)
     rewards = score_answers(reward_fns, tree, examples, prompts, k, m)                          # (P, K, M)
@@ -752,8 +752,10 @@ def check_resumable(cfg: Config, out: Path) -> None:
         raise ValueError(f"--resume with settings that differ from {out / 'config.json'}: {changed}")
 
 
-def train(cfg: Config) -> dict:
-    """The whole run. Returns the summary that is also written to OUT/summary.json."""
+def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_examples: Sequence[Example] | None = None,
+          reward_fns: list[tuple[RewardFn, float]] | None = None) -> dict:
+    """The whole run. Returns the summary that is also written to OUT/summary.json. By default the data is
+    the embedded generator's; a recipe (demos/) passes its own example pool, held-out set and rewards."""
     validate_config(cfg)
     out, device, run_start = Path(cfg.out), pick_device(cfg), time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -761,9 +763,14 @@ def train(cfg: Config) -> dict:
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     data_rng = random.Random(cfg.seed)
     policy, tokenizer = load_policy(cfg, device)
-    eval_examples = sample_examples(random.Random(10_000 + cfg.seed), cfg.eval_task or cfg.task, cfg.eval_size,
-                                    held_out=True)
-    reward_fns = reward_functions(cfg)
+    if train_pool is None:
+        draw = lambda rng, n: sample_examples(rng, cfg.task, n, held_out=False)  # noqa: E731
+    else:
+        draw = lambda rng, n: rng.sample(list(train_pool), n)  # noqa: E731
+    if eval_examples is None:
+        eval_examples = sample_examples(random.Random(10_000 + cfg.seed), cfg.eval_task or cfg.task,
+                                        cfg.eval_size, held_out=True)
+    reward_fns = reward_fns or reward_functions(cfg)
     uses_kl = max(kl_beta(s, cfg.steps, cfg) for s in range(cfg.steps + 1)) > 0
 
     def run_eval() -> dict:
@@ -783,7 +790,7 @@ def train(cfg: Config) -> dict:
     else:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         metrics_path.write_text("")
-        supervised_warmup(policy, tokenizer, cfg, data_rng)
+        supervised_warmup(policy, tokenizer, cfg, data_rng, draw)
         atomic_save(policy.state_dict(), out / "reference.pt")  # the frozen start policy of the KL term
         start_step, start_eval = 0, run_eval()
         write_metrics(metrics_path, {"step": 0, **start_eval})
@@ -812,7 +819,8 @@ def train(cfg: Config) -> dict:
     last_eval = start_eval
     progress = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, desc="GRPO-MA")
     for step in progress:
-        record = train_step(step, policy, reference, optimizer, tokenizer, cfg, data_rng, reward_fns, gss_history)
+        record = train_step(step, policy, reference, optimizer, tokenizer, cfg, data_rng, draw, reward_fns,
+                            gss_history)
         gss_over_10 += int(record["gss"] is not None and record["gss"] > 10)
         record["gss_over_10"] = gss_over_10
         if step % cfg.eval_every == 0 or step == cfg.steps:
