@@ -782,7 +782,7 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
         check_resumable(cfg, out)
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         policy.load_state_dict(state["model"])
-        start_step, start_eval = state["step"], state["start_eval"]
+        start_step, start_eval, last_eval = state["step"], state["start_eval"], state["last_eval"]
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         # steps after the checkpoint will be recomputed identically: drop their lines so none is doubled
         metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
@@ -793,6 +793,7 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
         supervised_warmup(policy, tokenizer, cfg, data_rng, draw)
         atomic_save(policy.state_dict(), out / "reference.pt")  # the frozen start policy of the KL term
         start_step, start_eval = 0, run_eval()
+        last_eval = start_eval
         write_metrics(metrics_path, {"step": 0, **start_eval})
         print(f"start policy: held-out accuracy greedy {start_eval['eval_greedy_accuracy']:.3f}, "
               f"sampled {start_eval['eval_sampled_accuracy']:.3f}")
@@ -805,6 +806,12 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
         reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     gss_history, gss_over_10 = deque(maxlen=cfg.gss_window), 0
+
+    def save_checkpoint(step: int) -> None:  # everything the next step depends on, RNG states included
+        atomic_save(dict(step=step, model=policy.state_dict(), optimizer=optimizer.state_dict(),
+                         gss_history=list(gss_history), gss_over_10=gss_over_10, data_rng=data_rng.getstate(),
+                         rng=rng_states(), start_eval=start_eval, last_eval=last_eval), checkpoint_path)
+
     if resuming:
         optimizer.load_state_dict(state["optimizer"])
         gss_history.extend(state["gss_history"])
@@ -812,11 +819,8 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
         data_rng.setstate(state["data_rng"])
         restore_rng_states(state["rng"])
     else:
-        atomic_save(dict(step=0, model=policy.state_dict(), optimizer=optimizer.state_dict(), gss_history=[],
-                         gss_over_10=0, data_rng=data_rng.getstate(), rng=rng_states(), start_eval=start_eval),
-                    checkpoint_path)
+        save_checkpoint(0)
 
-    last_eval = start_eval
     progress = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, desc="GRPO-MA")
     for step in progress:
         record = train_step(step, policy, reference, optimizer, tokenizer, cfg, data_rng, draw, reward_fns,
@@ -830,9 +834,7 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
         progress.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['train_accuracy']:.2f}",
                              held_out=f"{last_eval['eval_greedy_accuracy']:.2f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            atomic_save(dict(step=step, model=policy.state_dict(), optimizer=optimizer.state_dict(),
-                             gss_history=list(gss_history), gss_over_10=gss_over_10, data_rng=data_rng.getstate(),
-                             rng=rng_states(), start_eval=start_eval), checkpoint_path)
+            save_checkpoint(step)
 
     summary = {"config": f"T{cfg.thoughts}A{cfg.answers}", "seed": cfg.seed, "steps": cfg.steps,
                "start_greedy_accuracy": start_eval["eval_greedy_accuracy"],

@@ -295,6 +295,11 @@ def test_kill_and_resume_gives_the_same_final_state(tmp_path, monkeypatch):
         assert torch.equal(tensor, resumed["model"][name]), name
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
     assert strip(read_metrics(tmp_path / "straight")) == strip(read_metrics(tmp_path / "killed"))
+    summary = lambda run: {k: v for k, v in json.loads((tmp_path / run / "summary.json").read_text()).items()  # noqa: E731
+                           if k != "wall_seconds_this_run"}
+    assert summary("straight") == summary("killed")
+    G.main(tiny_run_args(tmp_path / "straight", *args, "--resume"))  # resuming a finished run changes nothing
+    assert summary("straight") == summary("killed")
 
 
 def test_real_checkpoint_loads_through_model_flag(tmp_path):
