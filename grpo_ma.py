@@ -214,7 +214,7 @@ def build_char_tokenizer():
 
 
 def build_embedded_model(tokenizer):
-    """A small Qwen2ForCausalLM from a Qwen2Config: same architecture as Qwen2.5, 0.4M parameters."""
+    """A small Qwen2ForCausalLM from a Qwen2Config: same architecture as Qwen2.5, 0.6M parameters."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
