@@ -245,14 +245,15 @@ def load_policy(cfg: Config, device: torch.device):
         model = build_embedded_model(tokenizer)
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        # float32 master weights: AdamW on bf16 weights rounds away updates of lr ~1e-6; CUDA computes in bf16
+        # through autocast (see `compute_precision`)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right
     check_format_markers(tokenizer)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     return model.to(device), tokenizer
 
 
@@ -336,7 +337,7 @@ def sample_answers(model, tokenizer, prefixes: list[list[int]], m: int, cfg: Con
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
         model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-              past_key_values=cache, use_cache=True)  # everything but the last token: generate() feeds that one
+              past_key_values=cache, use_cache=True, logits_to_keep=1)  # all but the last token: generate() feeds it
         cache.batch_repeat_interleave(m)
         kwargs["past_key_values"] = cache
     ids, mask = ids.repeat_interleave(m, dim=0), mask.repeat_interleave(m, dim=0)
@@ -361,7 +362,8 @@ def sample_tree(model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sa
 # 4. Rewards: R[k, m] = sum_f w_f * f(prompt, thought_k, answer_km, example)
 # ================================================================================================
 RewardFn = Callable[[list[str], list[str], list[str], list[Example]], Sequence[float]]
-ANSWER_PATTERN = re.compile(re.escape(ANSWER_OPEN) + r"\s*(-?\d+)")
+# the number must fill the answer block: "<answer>18.5</answer>" is not 18 (an unclosed answer may just stop)
+ANSWER_PATTERN = re.compile(re.escape(ANSWER_OPEN) + r"\s*(-?\d+)\s*(?:" + re.escape(ANSWER_CLOSE) + r"|$)")
 
 
 def per_answer(fn: Callable[[str, str, str, Example], float]) -> RewardFn:
@@ -471,16 +473,22 @@ def score_answers(reward_fns: list[tuple[RewardFn, float]], tree: Tree, examples
 def group_normalise(values: torch.Tensor, *, scale: bool = True, ddof: int = 1, eps: float = 1e-4) -> torch.Tensor:
     """A = (x - mean(x)) / (std(x) + eps) over the last dim; a group whose values are all equal gets exactly 0.
 
-    values: (..., G) -> (..., G). Computed in float64 so large finite inputs cannot overflow."""
+    values: (..., G) -> (..., G). Any finite input gives a finite output (property-tested)."""
     x = values.double()
-    group = x.shape[-1]
-    constant = (x.amax(-1, keepdim=True) == x.amin(-1, keepdim=True))
-    if group <= ddof:  # too few values for a std: only a constant group can occur
+    high, low = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+    constant = high == low
+    if x.shape[-1] <= ddof:  # too few values for a std: only a constant group can occur
         return torch.zeros_like(values)
-    # centring around the midrange first keeps the sums finite for values near the float64 limit
-    x = x - (x.amax(-1, keepdim=True) / 2 + x.amin(-1, keepdim=True) / 2)
-    centred = x - x.mean(-1, keepdim=True)
-    advantage = centred / (x.std(-1, correction=ddof, keepdim=True) + eps) if scale else centred
+    # in units of the group's range every value lies in [-1, 1], so no sum or square overflows or underflows;
+    # (x - mean)/(std + eps) = (u - mean u)/(std u + eps/span) exactly
+    span = torch.where(torch.isfinite(high - low), high - low, high / 2 - low / 2)
+    span = torch.where(constant, torch.ones_like(span), span)
+    u = (x - (high / 2 + low / 2)) / span
+    centred = u - u.mean(-1, keepdim=True)
+    if scale:  # tensor / tensor: a Python scalar / tensor would multiply by 1/span, inf for a subnormal span
+        advantage = centred / (u.std(-1, correction=ddof, keepdim=True) + torch.full_like(span, eps) / span)
+    else:
+        advantage = centred * span
     return torch.where(constant, torch.zeros_like(advantage), advantage).to(values.dtype)
 
 
@@ -500,7 +508,10 @@ def ma_advantages(rewards: torch.Tensor, *, answer_pool: str = "all", scale: boo
     if answer_pool not in ("all", "thought"):
         raise ValueError(f"answer_pool must be 'all' or 'thought', got {answer_pool!r}")
     norm = dict(scale=scale, ddof=ddof, eps=eps)
-    thought_adv = group_normalise(rewards.mean(-1), **norm)
+    thought_values = rewards.double().mean(-1)  # float64: a float32 mean of rewards near 3e38 would overflow
+    thought_values = torch.where(torch.isfinite(thought_values), thought_values,
+                                 (rewards.double() / rewards.shape[-1]).sum(-1))
+    thought_adv = group_normalise(thought_values, **norm).to(rewards.dtype)
     if answer_pool == "all":
         answer_adv = group_normalise(rewards.flatten(-2), **norm).view_as(rewards)
     else:
@@ -622,6 +633,11 @@ METRIC_KEYS = ("step", "reward_mean", "reward_std", "train_accuracy", "loss", "k
                "eval_greedy_accuracy", "eval_sampled_accuracy")
 
 
+def compute_precision(device: torch.device):
+    """bf16 autocast on CUDA (weights stay float32), plain float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def pick_device(cfg: Config) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
@@ -656,18 +672,19 @@ def supervised_warmup(model, tokenizer, cfg: Config, data_rng: random.Random, dr
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: list[Example], cfg: Config, do_sample: bool, chunk: int = 100) -> float:
+def evaluate(model, tokenizer, examples: list[Example], cfg: Config, do_sample: bool, chunk: int = 100,
+             is_correct=answer_is_correct) -> float:
     """Held-out accuracy with one thought and one answer per prompt, greedy or at the sampling temperature."""
     correct = 0
     for start in range(0, len(examples), chunk):
         part = examples[start:start + chunk]
         tree = sample_tree(model, tokenizer, encode_prompts(tokenizer, part)[1], 1, 1, cfg, do_sample)
-        correct += sum(answer_is_correct(a, e) for a, e in zip(tree.answers, part))
+        correct += sum(is_correct(a, e) for a, e in zip(tree.answers, part))
     return correct / len(examples)
 
 
 def train_step(step: int, policy, reference, optimizer, tokenizer, cfg: Config, data_rng: random.Random, draw,
-               reward_fns, gss_history: deque) -> dict:
+               reward_fns, gss_history: deque, is_correct=answer_is_correct) -> dict:
     """One GRPO-MA step: sample the tree, score, compute advantages, take num_iterations optimizer steps."""
     k, m = cfg.thoughts, cfg.answers
     rollout_start = time.time()
@@ -703,7 +720,7 @@ def train_step(step: int, policy, reference, optimizer, tokenizer, cfg: Config, 
     gss = grad_norm / previous_mean if previous_mean > 0 else None  # undefined until a gradient has flowed
     gss_history.append(grad_norm)
     truncated = [bool(f) for f in tree.forced_close]
-    correct = [answer_is_correct(a, examples[i // (k * m)]) for i, a in enumerate(tree.answers)]
+    correct = [is_correct(a, examples[i // (k * m)]) for i, a in enumerate(tree.answers)]
     return {
         "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
         "train_accuracy": sum(correct) / len(correct), "loss": loss.item(), "kl": loss_metrics.get("kl"),
@@ -753,9 +770,10 @@ def check_resumable(cfg: Config, out: Path) -> None:
 
 
 def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_examples: Sequence[Example] | None = None,
-          reward_fns: list[tuple[RewardFn, float]] | None = None) -> dict:
+          reward_fns: list[tuple[RewardFn, float]] | None = None, is_correct=answer_is_correct) -> dict:
     """The whole run. Returns the summary that is also written to OUT/summary.json. By default the data is
-    the embedded generator's; a recipe (demos/) passes its own example pool, held-out set and rewards."""
+    the embedded generator's; a recipe (demos/) passes its own example pool, held-out set, rewards and
+    answer check."""
     validate_config(cfg)
     out, device, run_start = Path(cfg.out), pick_device(cfg), time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -774,8 +792,9 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
     uses_kl = max(kl_beta(s, cfg.steps, cfg) for s in range(cfg.steps + 1)) > 0
 
     def run_eval() -> dict:
-        return {"eval_greedy_accuracy": evaluate(policy, tokenizer, eval_examples, cfg, do_sample=False),
-                "eval_sampled_accuracy": evaluate(policy, tokenizer, eval_examples, cfg, do_sample=True)}
+        with compute_precision(device):
+            return {f"eval_{mode}_accuracy": evaluate(policy, tokenizer, eval_examples, cfg, mode == "sampled",
+                                                      is_correct=is_correct) for mode in ("greedy", "sampled")}
 
     resuming = cfg.resume and checkpoint_path.exists()
     if resuming:
@@ -790,7 +809,8 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
     else:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         metrics_path.write_text("")
-        supervised_warmup(policy, tokenizer, cfg, data_rng, draw)
+        with compute_precision(device):
+            supervised_warmup(policy, tokenizer, cfg, data_rng, draw)
         atomic_save(policy.state_dict(), out / "reference.pt")  # the frozen start policy of the KL term
         start_step, start_eval = 0, run_eval()
         last_eval = start_eval
@@ -823,8 +843,9 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
 
     progress = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, desc="GRPO-MA")
     for step in progress:
-        record = train_step(step, policy, reference, optimizer, tokenizer, cfg, data_rng, draw, reward_fns,
-                            gss_history)
+        with compute_precision(device):
+            record = train_step(step, policy, reference, optimizer, tokenizer, cfg, data_rng, draw, reward_fns,
+                                gss_history, is_correct)
         gss_over_10 += int(record["gss"] is not None and record["gss"] > 10)
         record["gss_over_10"] = gss_over_10
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -852,16 +873,22 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
 # ================================================================================================
 # 8. CLI: one flag per Config field
 # ================================================================================================
-def parse_args(argv: Sequence[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(defaults: Config | None = None, parser: argparse.ArgumentParser | None = None):
+    """One flag per Config field; a recipe passes its own defaults (and parser) to reuse every flag."""
+    defaults, parser = defaults or Config(), parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(Config):
+        default = getattr(defaults, f.name)
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"] + " (default: %(default)s)"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
+            parser.add_argument(flag, type=type(default), default=default, choices=f.metadata.get("choices"),
                                 help=text)
-    return Config(**vars(parser.parse_args(argv)))
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    return Config(**vars(build_parser().parse_args(argv)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
