@@ -1,0 +1,243 @@
+"""Tests of theory/ (SPEC §3): the closed forms against sympy, their scaling, and Monte Carlo through the
+trainer's `ma_advantages` against them. Monte Carlo examples are derandomized and bounded in number."""
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from theory import budget as bd
+from theory import closed_form as cf
+from theory import symbolic as sy
+from theory.monte_carlo import estimate_variance, monte_carlo_variance
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAST = settings(max_examples=25, deadline=None)
+MONTE_CARLO = settings(max_examples=4, deadline=None, derandomize=True)
+
+
+@st.composite
+def settings_(draw, min_thoughts=2, max_thoughts=5):
+    """Thought values mu (spread apart), per-answer variances sigma^2, M and ddof."""
+    thoughts = draw(st.integers(min_thoughts, max_thoughts))
+    mu = np.array(draw(st.lists(st.floats(0.02, 0.98), min_size=thoughts, max_size=thoughts)))
+    assume(np.ptp(mu) > 0.05)
+    sigma2 = np.array(draw(st.lists(st.floats(1e-3, 0.25), min_size=thoughts, max_size=thoughts)))
+    return mu, sigma2, draw(st.integers(1, 1000)), draw(st.sampled_from([0, 1]))
+
+
+def leading_scale(mu, sigma2, answers, ddof):
+    """The size of Var[A_k], to make absolute differences relative (for K = 2 the variance itself is 0)."""
+    return sigma2.mean() / (answers * np.var(mu, ddof=ddof))
+
+
+# ------------------------------------------------------------------------------------------------
+# closed form vs sympy
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("thoughts", [2, 3, 4])
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_sympy_gradient_quadratic_form_equals_spec_closed_form(thoughts, ddof):
+    assert sy.leading_order_difference(thoughts, ddof) == [0] * thoughts
+
+
+@FAST
+@given(setting=settings_())
+def test_closed_form_equals_sympy_at_random_points(setting):
+    mu, sigma2, answers, ddof = setting
+    ours = cf.leading_order_variance(mu, sigma2, answers, ddof=ddof)
+    theirs = sy.leading_order_function(len(mu), ddof)(mu, sigma2, answers)
+    assert np.abs(ours - theirs).max() <= 1e-10 * leading_scale(mu, sigma2, answers, ddof)
+
+
+@FAST
+@given(setting=settings_(3, 3))
+def test_second_order_terms_equal_sympy_derivatives(setting):
+    """The O(K) sums of `second_order_sums` equal the definitions sum J H kappa + 1/2 sum H^2 v v + sum J T v v."""
+    mu, sigma2, answers, ddof = setting
+    kappa3 = cf.bernoulli_third_cumulant(mu)
+    v1, v2 = sy.second_order_from_derivatives(mu, sigma2, kappa3, answers, ddof)
+    c1, c2 = cf.variance_coefficients(mu, sigma2, kappa3, ddof=ddof)
+    scale = leading_scale(mu, sigma2, answers, ddof)     # a thought at an extreme of the circle has V1 = 0
+    assert np.allclose(c1 / answers, v1, rtol=1e-9, atol=1e-12 * scale)
+    assert np.allclose(c2 / answers ** 2, v2, rtol=1e-8, atol=1e-12 * scale ** 2)
+
+
+@functools.lru_cache(maxsize=None)
+def generic_functions(ddof):
+    """The symbolic (C1, C2) of a generic thought, compiled: values dict -> float."""
+    out = []
+    for expr in sy.generic_thought_variance(ddof):
+        symbols = sorted(expr.free_symbols, key=lambda x: x.name)
+        compiled = sp.lambdify(symbols, expr, "math")
+        out.append(lambda values, f=compiled, names=symbols: float(f(*(values[x] for x in names))))
+    return out
+
+
+@FAST
+@given(setting=settings_(3, 8), k=st.integers(0, 7))
+def test_generic_thought_sums_equal_numpy_sums(setting, k):
+    """The symbolic any-K expression, evaluated at the setting's moments, is the numpy result: the K -> oo limit
+    is taken of the same function that computes the numbers."""
+    mu, sigma2, answers, ddof = setting
+    k = k % len(mu)
+    kappa3 = cf.bernoulli_third_cumulant(mu)
+    c1_sym, c2_sym = generic_functions(ddof)
+    values = sy.moment_values(mu, sigma2, kappa3, answers, k)
+    c1, c2 = cf.variance_coefficients(mu, sigma2, kappa3, ddof=ddof)
+    scale = leading_scale(mu, sigma2, answers, ddof)
+    assert np.isclose(c1_sym(values), c1[k] / answers, rtol=1e-9, atol=1e-12 * scale)
+    assert np.isclose(c2_sym(values), c2[k] / answers ** 2, rtol=1e-7, atol=1e-10 * scale ** 2)
+
+
+def test_large_k_limits_are_the_floors_of_claims_4_and_5():
+    limits = sy.large_k_limits(1)
+    assert sp.simplify(limits["leading"] - limits["claim 4: sigma_k^2/(M s^2)"]) == 0
+    assert sp.simplify(limits["pade"] - limits["claim 5: sigma_k^2/(M s^2 + E[sigma^2])"]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# scaling and limits, numerically
+# ------------------------------------------------------------------------------------------------
+@FAST
+@given(setting=settings_(2, 40))
+def test_leading_order_scales_exactly_as_inverse_m(setting):
+    mu, sigma2, answers, ddof = setting
+    one = cf.leading_order_variance(mu, sigma2, 1, ddof=ddof)
+    assert np.allclose(cf.leading_order_variance(mu, sigma2, answers, ddof=ddof) * answers, one, rtol=1e-12,
+                       atol=1e-15 * leading_scale(mu, sigma2, 1, ddof))
+
+
+@FAST
+@given(setting=settings_(3, 40))
+def test_ddof_only_rescales_the_variance(setting):
+    """A_k(ddof=0) = sqrt(K/(K-1)) ... so Var(ddof=0) = Var(ddof=1) * K/(K-1): for both formulas."""
+    mu, sigma2, answers, _ = setting
+    thoughts = len(mu)
+    for formula in (cf.leading_order_variance, cf.finite_m_variance):
+        assert np.allclose(formula(mu, sigma2, answers, ddof=0) * (thoughts - 1),
+                           formula(mu, sigma2, answers, ddof=1) * thoughts, rtol=1e-9)
+
+
+@FAST
+@given(setting=settings_(3, 40))
+def test_finite_m_formula_tends_to_leading_order_as_m_grows(setting):
+    mu, sigma2, _, ddof = setting
+    big = 1e7
+    gap = cf.finite_m_variance(mu, sigma2, big, ddof=ddof) - cf.leading_order_variance(mu, sigma2, big, ddof=ddof)
+    assert np.abs(gap).max() <= 1e-4 * leading_scale(mu, sigma2, big, ddof)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 2.0, 8.0])
+def test_finite_m_formula_reaches_claim_5_floor_at_large_k(ratio):
+    between, within = cf.beta_moments(ratio)
+    mu = cf.beta_thought_values(1024, ratio)
+    sigma2 = cf.bernoulli_variance(mu)
+    c1, c2 = cf.variance_coefficients(mu, sigma2)
+    for answers in (1, 4, 16):
+        mean_var = cf.finite_m_from_coefficients(mu, sigma2, c1, c2, answers).mean()
+        assert np.isclose(mean_var, within / (answers * between + within), rtol=0.01)
+
+
+def test_beta_ratio_is_within_over_between_variance():
+    for ratio, mean in ((0.5, 0.5), (2.0, 0.3), (6.0, 0.8)):
+        mu = cf.beta_thought_values(200_000, ratio, mean, draw="random", rng=np.random.default_rng(0))
+        assert np.isclose(cf.bernoulli_variance(mu).mean() / mu.var(), ratio, rtol=0.03)
+
+
+# ------------------------------------------------------------------------------------------------
+# Monte Carlo through grpo_ma.ma_advantages
+# ------------------------------------------------------------------------------------------------
+@MONTE_CARLO
+@given(thoughts=st.integers(4, 12), answers=st.integers(16, 64), ratio=st.floats(0.5, 3.0),
+       seed=st.integers(0, 2 ** 16))
+def test_monte_carlo_within_interval_of_finite_m_formula(thoughts, answers, ratio, seed):
+    mu = cf.beta_thought_values(thoughts, ratio, draw="random", rng=np.random.default_rng(seed))
+    sigma2 = cf.bernoulli_variance(mu)
+    assume(sigma2.mean() / (answers * mu.var(ddof=1)) < 0.15)     # answer noise small next to the thought spread
+    estimate = monte_carlo_variance(mu, answers, 40_000 // thoughts, seed=seed, level=0.999)
+    formula = cf.finite_m_variance(mu, sigma2, answers, eps=1e-4).mean()
+    assert abs(formula - estimate.mean) <= estimate.mean_half_width
+
+
+@MONTE_CARLO
+@given(thoughts=st.integers(4, 6), ratio=st.floats(0.5, 4.0), seed=st.integers(0, 2 ** 16))
+def test_monte_carlo_within_interval_of_leading_order_at_large_m(thoughts, ratio, seed):
+    """The SPEC's leading order is biased by ~E[sigma^2]/(M s^2), inside the interval once M is large."""
+    answers = 512
+    mu = cf.beta_thought_values(thoughts, ratio, draw="random", rng=np.random.default_rng(seed))
+    assume(mu.var() > 0.02)
+    estimate = monte_carlo_variance(mu, answers, 1500, seed=seed, level=0.999)
+    formula = cf.leading_order_variance(mu, cf.bernoulli_variance(mu), answers, eps=1e-4).mean()
+    assert abs(formula - estimate.mean) <= estimate.mean_half_width
+
+
+@MONTE_CARLO
+@given(mu=st.tuples(st.floats(0.05, 0.95), st.floats(0.05, 0.95)), answers=st.integers(1, 6),
+       seed=st.integers(0, 2 ** 16))
+def test_two_thought_exact_enumeration_matches_monte_carlo(mu, answers, seed):
+    mu = np.array(mu)
+    exact = cf.two_thought_exact_variance(mu, answers, eps=1e-4)[0]
+    estimate = monte_carlo_variance(mu, answers, 40_000, seed=seed, level=0.999)
+    assert abs(exact - estimate.mean) <= estimate.mean_half_width + 1e-12
+
+
+def test_interval_covers_a_known_variance():
+    """The CLT interval of `estimate_variance` covers the true variance at about its nominal rate, on data far
+    from normal (uniform: Var = 1/12, kurtosis 1.8)."""
+    rng = np.random.default_rng(0)
+    trials = [estimate_variance(rng.random((2000, 1)), 0.9) for _ in range(400)]
+    coverage = np.mean([abs(t.mean - 1 / 12) <= t.mean_half_width for t in trials])
+    assert 0.85 <= coverage <= 0.95
+
+
+# ------------------------------------------------------------------------------------------------
+# budget
+# ------------------------------------------------------------------------------------------------
+def test_token_cost_counts_each_thought_once_and_every_answer():
+    assert bd.token_cost(4, 4, 200, 50) == 4 * 200 + 16 * 50
+    assert bd.token_cost(16, 1, 200, 50) == 16 * (200 + 50)
+    assert bd.config_name(4, 4) == "T4A4"
+
+
+@FAST
+@given(budget=st.integers(800, 20_000), thought_len=st.integers(10, 400), answer_len=st.integers(5, 200),
+       ratio=st.floats(0.25, 8.0))
+def test_best_allocation_fits_and_beats_every_other_fitting_tree(budget, thought_len, answer_len, ratio):
+    assume(bd.token_cost(3, 1, thought_len, answer_len) <= budget)
+    best = bd.best_allocation(budget, thought_len, answer_len, ratio, max_thoughts=64)
+    assert best.tokens <= budget
+    for thoughts, answers in ((3, 1), (4, 4), (8, 2), (16, 1)):
+        if bd.token_cost(thoughts, answers, thought_len, answer_len) <= budget:
+            assert best.variance <= bd.mean_thought_variance(thoughts, answers, ratio)
+
+
+def test_budget_command_prints_a_tree():
+    out = subprocess.run([sys.executable, "-m", "theory", "budget", "--budget", "2048", "--thought-len", "200",
+                          "--answer-len", "50", "--ratio", "1.0"], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout
+    best = bd.best_allocation(2048, 200, 50, 1.0)
+    assert f"best: {best.name}" in out
+
+
+@pytest.mark.slow
+def test_python_m_theory_passes_every_check():
+    result = subprocess.run([sys.executable, "-m", "theory"], capture_output=True, text=True, timeout=300,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+
+
+@pytest.mark.slow
+def test_variance_figures_fast_mode_writes_every_file(tmp_path):
+    from paper_figures import variance
+    variance.main(fast=True, out_dir=tmp_path / "out", results_dir=tmp_path / "results")
+    for name in ("variance_vs_m", "variance_vs_k", "budget_heatmap"):
+        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
+        assert (tmp_path / "out" / f"{name}.pdf").stat().st_size > 0
+    assert (tmp_path / "results" / "variance.json").stat().st_size > 0
