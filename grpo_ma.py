@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import re
@@ -735,17 +734,14 @@ def train_step(step: int, policy, reference, optimizer, tokenizer, cfg: Config, 
     }
 
 
-def rng_states() -> dict:
+def rng_states(restore: dict | None = None) -> dict:
+    """Every global RNG the run draws from (sampling uses torch's); with `restore`, set them back first."""
+    if restore:
+        random.setstate(restore["python"]), np.random.set_state(restore["numpy"]), torch.set_rng_state(restore["torch"])
+        if restore["cuda"] is not None:
+            torch.cuda.set_rng_state_all(restore["cuda"])
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def restore_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -781,10 +777,8 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     data_rng = random.Random(cfg.seed)
     policy, tokenizer = load_policy(cfg, device)
-    if train_pool is None:
-        draw = lambda rng, n: sample_examples(rng, cfg.task, n, held_out=False)  # noqa: E731
-    else:
-        draw = lambda rng, n: rng.sample(list(train_pool), n)  # noqa: E731
+    draw = (lambda rng, n: sample_examples(rng, cfg.task, n, held_out=False)) if train_pool is None else \
+        (lambda rng, n: rng.sample(list(train_pool), n))
     if eval_examples is None:
         eval_examples = sample_examples(random.Random(10_000 + cfg.seed), cfg.eval_task or cfg.task,
                                         cfg.eval_size, held_out=True)
@@ -837,7 +831,7 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
         gss_history.extend(state["gss_history"])
         gss_over_10 = state["gss_over_10"]
         data_rng.setstate(state["data_rng"])
-        restore_rng_states(state["rng"])
+        rng_states(restore=state["rng"])
     else:
         save_checkpoint(0)
 

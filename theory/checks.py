@@ -218,7 +218,7 @@ def check_claims_4_5(report: Report) -> None:
     worst = max(errors, key=abs)
     report.checks.append(Check(f"5 MC at K={LARGE_K} vs E[σ²]/(Mσ_θ²+E[σ²]), M={LARGE_K_M}",
                                f"worst {worst:+.2%} (leading floor: " + ", ".join(f"{e:+.0%}" for e in lead_errors)
-                               + ")", f"|err| <= 3%", abs(worst) <= 0.03))
+                               + ")", "|err| <= 3%", abs(worst) <= 0.03))
 
 
 # ------------------------------------------------------------------------------------------------
