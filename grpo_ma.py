@@ -121,6 +121,7 @@ def validate_config(cfg: Config) -> None:
         (0 <= cfg.epsilon < 1 and cfg.epsilon_high >= 0, "--epsilon must be in [0, 1), --epsilon-high >= 0"),
         (cfg.beta >= 0 and 0 <= cfg.beta_min <= cfg.beta_max, "need beta >= 0 and 0 <= beta_min <= beta_max"),
         (0 < cfg.explore_share < 1, f"--explore-share must be in (0, 1), got {cfg.explore_share}"),
+        (cfg.kl_schedule != "dynamic" or cfg.steps >= 1, "--kl-schedule dynamic needs --steps >= 1"),
         (cfg.max_thought_tokens >= 1 and cfg.max_answer_tokens >= 1, "token budgets must be >= 1"),
         (cfg.save_every >= 1 and cfg.eval_every >= 1 and cfg.eval_size >= 1, "save/eval intervals must be >= 1"),
     ]

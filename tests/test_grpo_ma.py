@@ -212,7 +212,7 @@ def test_cut_at_stop_keeps_the_token_that_completes_the_marker(tokenizer):
     (["--thoughts", "1"], "thoughts"), (["--answers", "0"], "answers"),
     (["--answers", "1", "--answer-pool", "thought"], "answer-pool"), (["--temperature", "0"], "temperature"),
     (["--reward", "accuracy,nope"], "nope"), (["--reward-weights", "1,2,3"], "weights"),
-    (["--task", "calculus"], "calculus"),
+    (["--task", "calculus"], "calculus"), (["--kl-schedule", "dynamic", "--steps", "0"], "dynamic"),
 ])
 def test_invalid_settings_are_rejected_with_a_clear_error(flags, message):
     with pytest.raises(ValueError, match=message):
