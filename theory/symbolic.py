@@ -14,6 +14,7 @@ Three derivations, each independent of the numpy code it checks:
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import numpy as np
 import sympy as sp
@@ -42,40 +43,40 @@ def spec_closed_form(mu: list[sp.Symbol], sigma: list[sp.Symbol], answers: sp.Sy
     return sum(sigma[j] ** 2 * bracket[j] ** 2 for j in range(thoughts)) / (answers * sum_squares / (thoughts - ddof))
 
 
+def thought_symbols(thoughts: int) -> tuple[tuple, tuple, sp.Symbol]:
+    """Symbols for K thought values mu_k, answer standard deviations sigma_k, and the answer count M."""
+    return (sp.symbols(f"mu1:{thoughts + 1}", real=True), sp.symbols(f"sigma1:{thoughts + 1}", positive=True),
+            sp.Symbol("M", positive=True))
+
+
+def delta_method_variance(mu: tuple, variances: Sequence[sp.Expr], answers: sp.Symbol, k: int, ddof: int) -> sp.Expr:
+    """Var[A_k] ~= grad g_k' diag(variances / M) grad g_k, the gradient taken by sympy."""
+    gradient = [sp.diff(standardized_advantage(list(mu), k, ddof), m) for m in mu]
+    return sum(g ** 2 * v / answers for g, v in zip(gradient, variances))
+
+
 def leading_order_difference(thoughts: int, ddof: int) -> list[sp.Expr]:
     """grad g_k' diag(sigma^2/M) grad g_k - closed form, for every k, simplified (a list of K zeros when the
     closed form is right). Both sides contain sqrt(S) only squared, so `cancel` reduces them to rational
     functions of mu and decides the identity exactly."""
-    mu = sp.symbols(f"mu1:{thoughts + 1}", real=True)
-    sigma = sp.symbols(f"sigma1:{thoughts + 1}", positive=True)
-    answers = sp.Symbol("M", positive=True)
-    differences = []
-    for k in range(thoughts):
-        gradient = [sp.diff(standardized_advantage(list(mu), k, ddof), m) for m in mu]
-        quadratic_form = sum(gradient[j] ** 2 * sigma[j] ** 2 / answers for j in range(thoughts))
-        differences.append(sp.cancel(sp.together(quadratic_form - spec_closed_form(mu, sigma, answers, k, ddof))))
-    return differences
+    mu, sigma, answers = thought_symbols(thoughts)
+    variances = [s ** 2 for s in sigma]
+    return [sp.cancel(sp.together(delta_method_variance(mu, variances, answers, k, ddof)
+                                  - spec_closed_form(mu, sigma, answers, k, ddof))) for k in range(thoughts)]
 
 
 def leading_order_expression(thoughts: int, ddof: int) -> tuple[sp.Expr, tuple, tuple, sp.Symbol]:
     """Var[A_0] ~= grad g_0' diag(sigma^2/M) grad g_0 as a sympy expression; returns (expr, mu, sigma, M)."""
-    mu = sp.symbols(f"mu1:{thoughts + 1}", real=True)
-    sigma = sp.symbols(f"sigma1:{thoughts + 1}", positive=True)
-    answers = sp.Symbol("M", positive=True)
-    gradient = [sp.diff(standardized_advantage(list(mu), 0, ddof), m) for m in mu]
-    return sum(gradient[j] ** 2 * sigma[j] ** 2 / answers for j in range(thoughts)), mu, sigma, answers
+    mu, sigma, answers = thought_symbols(thoughts)
+    return delta_method_variance(mu, [s ** 2 for s in sigma], answers, 0, ddof), mu, sigma, answers
 
 
 @functools.lru_cache(maxsize=None)
 def leading_order_function(thoughts: int, ddof: int):
     """Numeric f(mu, sigma2, M) -> (K,) from sympy's gradient of g_k (for comparisons at random points)."""
-    mu = sp.symbols(f"mu1:{thoughts + 1}", real=True)
+    mu, _, answers = thought_symbols(thoughts)
     sigma2 = sp.symbols(f"v1:{thoughts + 1}", positive=True)
-    answers = sp.Symbol("M", positive=True)
-    rows = []
-    for k in range(thoughts):
-        gradient = [sp.diff(standardized_advantage(list(mu), k, ddof), m) for m in mu]
-        rows.append(sum(gradient[j] ** 2 * sigma2[j] / answers for j in range(thoughts)))
+    rows = [delta_method_variance(mu, sigma2, answers, k, ddof) for k in range(thoughts)]
     compiled = sp.lambdify((mu, sigma2, answers), rows, "numpy", cse=True)
     return lambda m, s2, a: np.asarray(compiled(tuple(m), tuple(s2), a), dtype=float)
 
