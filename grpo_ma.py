@@ -184,6 +184,12 @@ def sample_examples(rng: random.Random, family: str, n: int, held_out: bool) -> 
     return examples
 
 
+def held_out_examples(cfg: Config, family: str | None = None) -> list[Example]:
+    """A run's evaluation set: fixed by the seed, from --eval-task (or `family`), never seen in training."""
+    return sample_examples(random.Random(10_000 + cfg.seed), family or cfg.eval_task or cfg.task, cfg.eval_size,
+                           held_out=True)
+
+
 SYSTEM_PROMPT = (f"Solve the problem step by step inside {THINK_OPEN} {THINK_CLOSE}, then give only the final "
                  f"number inside {ANSWER_OPEN} {ANSWER_CLOSE}.")
 
@@ -262,8 +268,7 @@ def load_policy(cfg: Config, device: torch.device):
 # ================================================================================================
 @dataclass
 class Tree:
-    """One step's rollouts as token-id lists. Rows are ordered prompt-major: thought p*K+k, answer
-    (p*K+k)*M+m."""
+    """One step's rollouts as token-id lists, prompt-major: thought p*K+k, answer (p*K+k)*M+m."""
     prompt_ids: list[list[int]]     # [P]
     thought_ids: list[list[int]]    # [P*K] tokens the policy sampled (ends with </think> unless forced)
     forced_close: list[list[int]]   # [P*K] marker tokens appended to a thought that never closed ([] if none)
@@ -292,10 +297,8 @@ def cut_at_stop(ids: list[int], tokenizer, stop: str) -> tuple[list[int], str]:
     """Cut a generated row after the token that completes `stop`, or at eos (kept), or keep it all.
     Returns (kept ids, how it ended: 'stop', 'eos' or 'budget')."""
     eos = tokenizer.eos_token_id
-    if eos in ids:
-        ids, ended = ids[: ids.index(eos) + 1], "eos"
-    else:
-        ended = "budget"
+    ended = "eos" if eos in ids else "budget"
+    ids = ids[: ids.index(eos) + 1] if eos in ids else ids
     if stop not in tokenizer.decode(ids):
         return ids, ended
     low, high = 1, len(ids)  # smallest prefix whose text contains `stop` (containment grows with the prefix)
@@ -508,9 +511,9 @@ def ma_advantages(rewards: torch.Tensor, *, answer_pool: str = "all", scale: boo
     if answer_pool not in ("all", "thought"):
         raise ValueError(f"answer_pool must be 'all' or 'thought', got {answer_pool!r}")
     norm = dict(scale=scale, ddof=ddof, eps=eps)
-    thought_values = rewards.double().mean(-1)  # float64: a float32 mean of rewards near 3e38 would overflow
-    thought_values = torch.where(torch.isfinite(thought_values), thought_values,
-                                 (rewards.double() / rewards.shape[-1]).sum(-1))
+    values = rewards.double()  # float64: a float32 mean of rewards near 3e38 would overflow
+    thought_values = values.mean(-1)
+    thought_values = torch.where(torch.isfinite(thought_values), thought_values, (values / values.shape[-1]).sum(-1))
     thought_adv = group_normalise(thought_values, **norm).to(rewards.dtype)
     if answer_pool == "all":
         answer_adv = group_normalise(rewards.flatten(-2), **norm).view_as(rewards)
@@ -520,8 +523,7 @@ def ma_advantages(rewards: torch.Tensor, *, answer_pool: str = "all", scale: boo
 
 
 def zero_std_share(values: torch.Tensor) -> float:
-    """Share of groups (last dim) with all values equal: they carry no learning signal (TRL's
-    frac_reward_zero_std)."""
+    """Share of groups (last dim) whose values are all equal: no learning signal (frac_reward_zero_std)."""
     return (values.amax(-1) == values.amin(-1)).float().mean().item()
 
 
@@ -636,6 +638,10 @@ METRIC_KEYS = ("step", "reward_mean", "reward_std", "train_accuracy", "loss", "k
 def compute_precision(device: torch.device):
     """bf16 autocast on CUDA (weights stay float32), plain float32 on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -775,16 +781,15 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
     out, device, run_start = Path(cfg.out), pick_device(cfg), time.time()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     data_rng = random.Random(cfg.seed)
     policy, tokenizer = load_policy(cfg, device)
-    draw = (lambda rng, n: sample_examples(rng, cfg.task, n, held_out=False)) if train_pool is None else \
-        (lambda rng, n: rng.sample(list(train_pool), n))
-    if eval_examples is None:
-        eval_examples = sample_examples(random.Random(10_000 + cfg.seed), cfg.eval_task or cfg.task,
-                                        cfg.eval_size, held_out=True)
+    pool = None if train_pool is None else list(train_pool)
+    draw = (lambda rng, n: sample_examples(rng, cfg.task, n, held_out=False)) if pool is None else \
+        (lambda rng, n: rng.sample(pool, n))
+    eval_examples = held_out_examples(cfg) if eval_examples is None else eval_examples
     reward_fns = reward_fns or reward_functions(cfg)
-    uses_kl = max(kl_beta(s, cfg.steps, cfg) for s in range(cfg.steps + 1)) > 0
+    uses_kl = (cfg.beta if cfg.kl_schedule == "constant" else cfg.beta_max) > 0  # the largest beta(s) reaches
 
     def run_eval() -> dict:
         with compute_precision(device):

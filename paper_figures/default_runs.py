@@ -16,6 +16,7 @@ import torch
 import transformers
 
 import grpo_ma
+from paper_figures.tables import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,15 +34,14 @@ def run_seed(seed: int, runs_dir: Path, rerun: bool) -> dict:
     return grpo_ma.train(cfg)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| seed | held-out greedy: start → after | held-out sampled (T=1): start → after | gain (greedy) | "
-             "wall time |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['start_greedy_accuracy']:.3f} → {r['final_greedy_accuracy']:.3f} | "
-                     f"{r['start_sampled_accuracy']:.3f} → {r['final_sampled_accuracy']:.3f} | "
-                     f"{100 * (r['final_greedy_accuracy'] - r['start_greedy_accuracy']):+.1f} pts | "
-                     f"{r['wall_seconds_this_run'] / 60:.1f} min |")
-    return "\n".join(lines) + "\n"
+def runs_table(rows: list[dict]) -> str:
+    header = ["seed", "held-out greedy: start → after", "held-out sampled (T=1): start → after", "gain (greedy)",
+              "wall time"]
+    return markdown_table(header, [[
+        r["seed"], f"{r['start_greedy_accuracy']:.3f} → {r['final_greedy_accuracy']:.3f}",
+        f"{r['start_sampled_accuracy']:.3f} → {r['final_sampled_accuracy']:.3f}",
+        f"{100 * (r['final_greedy_accuracy'] - r['start_greedy_accuracy']):+.1f} pts",
+        f"{r['wall_seconds_this_run'] / 60:.1f} min"] for r in rows]) + "\n"
 
 
 def main(argv=None) -> list[dict]:
@@ -55,8 +55,8 @@ def main(argv=None) -> list[dict]:
     meta = {"command": "python grpo_ma.py --seed S", "cpu_threads": torch.get_num_threads(),
             "machine": platform.machine(), "torch": torch.__version__, "transformers": transformers.__version__}
     (RESULTS / "default_runs.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
-    (RESULTS / "default_runs.md").write_text(markdown_table(rows))
-    print(markdown_table(rows))
+    (RESULTS / "default_runs.md").write_text(runs_table(rows))
+    print(runs_table(rows))
     return rows
 
 

@@ -106,13 +106,18 @@ def start_line(results: dict, group: str) -> str:
     return "start accuracy " + ", ".join(f"{v:.3f} (seed {s})" for s, v in sorted(starts.items()))
 
 
-def save(fig, out_dir: Path, name: str, results: dict) -> str:
-    fig.text(0.5, -0.02, setting_line(results), ha="center", fontsize=7, color="0.35")
+def save_figure(fig, out_dir: Path, name: str) -> str:
+    """PNG and PDF of `fig` into out_dir; shared by every figure script of paper_figures/."""
     for ext in ("png", "pdf"):  # no creation date in the PDF, so an unchanged figure gives an unchanged file
         fig.savefig(out_dir / f"{name}.{ext}", dpi=150, bbox_inches="tight",
                     metadata={"CreationDate": None} if ext == "pdf" else None)
     plt.close(fig)
     return name
+
+
+def save(fig, out_dir: Path, name: str, results: dict) -> str:
+    fig.text(0.5, -0.02, setting_line(results), ha="center", fontsize=7, color="0.35")
+    return save_figure(fig, out_dir, name)
 
 
 # ------------------------------------------------------------------------------------------------

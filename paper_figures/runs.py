@@ -20,7 +20,6 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import grpo_ma
@@ -72,7 +71,7 @@ def warm_start(seed: int, cache_dir: Path, base: Config | None = None, quiet: bo
     if (folder / "done.json").exists():
         return folder
     started = time.time()
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)  # seeded in the order grpo_ma.train seeds
+    grpo_ma.seed_everything(seed)  # as grpo_ma.train seeds
     data_rng = random.Random(seed)
     device = grpo_ma.pick_device(base)
     policy, tokenizer = grpo_ma.load_policy(base, device)
@@ -141,12 +140,6 @@ def run_grpo(cfg: Config, cache_dir: Path, quiet: bool = True) -> dict:
             "provenance": json.loads(provenance.read_text()) if provenance.exists() else {}}
 
 
-def eval_examples(cfg: Config, family: str | None = None) -> list:
-    """The held-out set grpo_ma.train builds for this seed (for another task family when `family` is set)."""
-    return grpo_ma.sample_examples(random.Random(10_000 + cfg.seed), family or cfg.eval_task or cfg.task,
-                                   cfg.eval_size, held_out=True)
-
-
 def evaluate_both(model, tokenizer, examples, cfg: Config) -> dict:
     """Greedy and sampled held-out accuracy; the sampler is seeded so the number is reproducible."""
     torch.manual_seed(cfg.seed)
@@ -163,7 +156,7 @@ def eval_policy(cfg: Config, family: str, store: Path, checkpoint: Path | None =
     model, tokenizer = load_start(Path(cfg.model), device)
     if checkpoint is not None:
         model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=False)["model"])
-    result = evaluate_both(model, tokenizer, eval_examples(cfg, family), cfg)
+    result = evaluate_both(model, tokenizer, grpo_ma.held_out_examples(cfg, family), cfg)
     store.write_text(json.dumps(result))
     return result
 
@@ -178,7 +171,7 @@ def run_sft(cfg: Config, sft_lr: float, sft_batch: int, cache_dir: Path, familie
     if (out / "summary.json").exists():
         return {"key": key, "dir": str(out), "cached": True, "summary": json.loads((out / "summary.json").read_text())}
     started = time.time()
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    grpo_ma.seed_everything(cfg.seed)
     device = grpo_ma.pick_device(cfg)
     model, tokenizer = load_start(start_folder, device)
     sft_cfg = dataclasses.replace(cfg, warmup_steps=cfg.steps, warmup_lr=sft_lr, warmup_batch=sft_batch)
@@ -188,7 +181,7 @@ def run_sft(cfg: Config, sft_lr: float, sft_batch: int, cache_dir: Path, familie
     train_seconds = time.time() - started
     summary = {"steps": cfg.steps, "seed": cfg.seed, "sft_lr": sft_lr, "sft_batch": sft_batch,
                "train_seconds": train_seconds, "provenance": environment(),
-               "eval": {f: evaluate_both(model, tokenizer, eval_examples(cfg, f), cfg) for f in families}}
+               "eval": {f: evaluate_both(model, tokenizer, grpo_ma.held_out_examples(cfg, f), cfg) for f in families}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"key": key, "dir": str(out), "cached": False, "summary": summary}
@@ -215,7 +208,8 @@ def check_warm_start(start_folder: Path, base: Config, cache_dir: Path) -> dict:
         saved = model.state_dict()
         max_diff = max((reference[k].float() - saved[k].float().cpu()).abs().max().item() for k in reference)
         warm_cfg = dataclasses.replace(base, model=str(start_folder), warmup_steps=0)
-        warm_greedy = grpo_ma.evaluate(model, tokenizer, eval_examples(warm_cfg), warm_cfg, do_sample=False)
+        warm_greedy = grpo_ma.evaluate(model, tokenizer, grpo_ma.held_out_examples(warm_cfg), warm_cfg,
+                                       do_sample=False)
         (out / "check.json").write_text(json.dumps({
             "seed": base.seed, "eval_size": base.eval_size, "max_abs_weight_diff": max_diff,
             "plain_start_greedy_accuracy": plain["start_greedy_accuracy"],

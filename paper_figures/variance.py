@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from paper_figures.plots import save_figure as save  # noqa: E402
 from theory import budget as bd  # noqa: E402
 from theory import closed_form as cf  # noqa: E402
 from theory.monte_carlo import monte_carlo_variance  # noqa: E402
@@ -46,13 +47,6 @@ def simulate(thoughts: int, answers: int, samples: int) -> dict[str, float]:
     est = monte_carlo_variance(mu, answers, max(samples // thoughts, 50), seed=1000 * thoughts + answers,
                                ddof=DDOF, eps=EPS, level=LEVEL)
     return {"K": thoughts, "M": answers, "mc": est.mean, "half_width": est.mean_half_width, "sims": est.sims}
-
-
-def save(fig, out_dir: Path, name: str) -> None:
-    for ext in ("png", "pdf"):  # no creation date in the PDF, so an unchanged figure gives an unchanged file
-        fig.savefig(out_dir / f"{name}.{ext}", dpi=150, bbox_inches="tight",
-                    metadata={"CreationDate": None} if ext == "pdf" else None)
-    plt.close(fig)
 
 
 def figure_vs_m(out_dir: Path, samples: int, fast: bool) -> dict:
