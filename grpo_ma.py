@@ -3,146 +3,179 @@
 GRPO-MA (arXiv 2509.24494, "Why Tree-Style Branching Matters for Thought Advantage Estimation in GRPO")
 samples K thoughts per prompt, then M answers per thought. A thought's value is the mean reward of its M
 answers, so its advantage is estimated from M signals instead of one; thought tokens and answer tokens get
-separate advantages. `python grpo_ma.py` trains a small Qwen2 on a synthetic arithmetic task, on a CPU, offline.
+separate advantages. `python grpo_ma.py` trains a small Qwen2 on a synthetic arithmetic task on a CPU.
 
-The file reads in the order the algorithm runs:
-    1. config   2. task, tokenizer, model   3. two-stage sampling   4. rewards   5. advantages
-    6. loss     7. train loop (warm-up, eval, checkpoints)           8. CLI
-
-Where this code departs from the paper, or chooses where the paper is silent:
-- The thought ends at `</think>`; a thought that hits its token budget is closed by appending the marker
-  (never trained on) and still gets its M answers. The share of such thoughts is logged.
-- Thought tokens are counted once in the loss however large M is (the paper's J_clip sums the thought term
-  once per thought); with the default token-mean aggregation, M = 1 is exactly GRPO's token-mean loss.
-- Standard deviations are unbiased (ddof=1) as in TRL and verl; groups whose values are all equal get an
-  advantage of exactly 0.
-- The KL penalty is the k3 estimator against the frozen start policy (after the supervised warm-up).
-- Reward functions are batched (lists in, list out), as in TRL, so a wrong count can be detected.
-- One optimizer step per iteration over the whole rollout batch (no minibatches): simplest to read.
+The file reads in the order the algorithm runs: 1. config, 2. task and model, 3. two-stage sampling,
+4. rewards, 5. advantages, 6. loss on the tree, 7. train loop, 8. CLI. docs/algorithm.md states the
+algorithm in full and ends with the one list of where this code departs from the paper or chooses where it
+is silent; theory/README.md states the variance claims that theory/ checks.
 """
-from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
 import random
 import re
+import shutil
+import sys
 import time
 import zlib
-from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
 FORMAT_MARKERS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 EMBEDDED = "embedded"
+MAX_ABS_REWARD = 1e150  # beyond this the float64 squares in the std overflow
+LOSS_AGGREGATIONS = ("token", "sequence", "grpo", "dr_grpo")
 
 
 # ================================================================================================
-# 1. Config: every default visible, every field a CLI flag
+# 1. Config: every default visible, every field a CLI flag, every bound checked before any work
 # ================================================================================================
 def opt(default, help: str, **extra):
+    """A Config field: its help text and optionally `choices` or bounds: low (>=), above (>), below (<)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class Config:
-    # the tree (SPEC §1): T{K}A{M}
-    thoughts: int = opt(4, "K: thoughts sampled per prompt (stage 1)")
-    answers: int = opt(4, "M: answers sampled per thought (stage 2); M=1 is plain GRPO")
-    prompts_per_step: int = opt(8, "prompts per optimizer step")
-    steps: int = opt(150, "GRPO-MA optimizer steps")
-    # the embedded model's supervised warm-up (SPEC §4)
-    warmup_steps: int = opt(450, "supervised warm-up steps on reference solutions before RL (0: none)")
-    warmup_lr: float = opt(1e-3, "learning rate of the supervised warm-up")
-    warmup_batch: int = opt(64, "examples per supervised warm-up step")
+    # the tree: T{K}A{M}
+    thoughts: int = opt(4, "K: thoughts sampled per prompt (stage 1); a group needs 2", low=2)
+    answers: int = opt(4, "M: answers sampled per thought (stage 2); M=1 is plain GRPO", low=1)
+    prompts_per_step: int = opt(8, "prompts per optimizer step", low=1)
+    steps: int = opt(150, "GRPO-MA optimizer steps (may be raised on --resume)", low=0)
+    micro_batch: int = opt(0, "thoughts (each with its M answers) per forward and backward; 0: all", low=0)
+    # the embedded model's supervised warm-up
+    warmup_steps: int = opt(450, "supervised warm-up steps on reference solutions before RL", low=0)
+    warmup_lr: float = opt(1e-3, "learning rate of the supervised warm-up", above=0)
+    warmup_batch: int = opt(64, "examples per supervised warm-up step", low=1)
     # optimisation
-    lr: float = opt(5e-5, "AdamW learning rate for GRPO-MA")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this value")
-    num_iterations: int = opt(1, "mu: optimizer steps per rollout batch; 1 means ratio == 1 exactly")
-    # loss (SPEC §1)
-    beta: float = opt(0.04, "KL weight for --kl-schedule constant (TRL's default)")
-    kl_schedule: str = opt("constant", "beta(s): constant, or dynamic (GRPO-D)", choices=("constant", "dynamic"))
-    beta_min: float = opt(0.04, "GRPO-D: lowest beta, reached at the end of exploration")
-    beta_max: float = opt(0.10, "GRPO-D: beta at the last step")
-    explore_share: float = opt(0.3, "GRPO-D: w/t, the share of steps over which beta falls")
-    epsilon: float = opt(0.2, "lower clip range: ratio >= 1 - epsilon")
-    epsilon_high: float = opt(0.2, "upper clip range: ratio <= 1 + epsilon_high (raise for clip-higher)")
-    loss_agg: str = opt("token", "token: mean over counted tokens; sequence: paper's J_clip form",
-                        choices=("token", "sequence"))
-    # advantages (SPEC §1)
-    answer_pool: str = opt("all", "answer advantage group: all K*M answers of a prompt, or one thought's M",
-                           choices=("all", "thought"))
+    lr: float = opt(5e-5, "AdamW learning rate for GRPO-MA", above=0)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value", above=0)
+    num_iterations: int = opt(1, "mu: optimizer steps per rollout batch; 1 means ratio == 1 exactly", low=1)
+    # loss
+    beta: float = opt(0.04, "KL weight for --kl-schedule constant (TRL's default)", low=0)
+    kl_schedule: str = opt(
+        "constant", "beta(s): constant, or dynamic (GRPO-D)", choices=("constant", "dynamic")
+    )
+    beta_min: float = opt(0.04, "GRPO-D: lowest beta, reached at the end of exploration", low=0)
+    beta_max: float = opt(0.10, "GRPO-D: beta at the last step", low=0)
+    explore_share: float = opt(0.3, "GRPO-D: w/t, the share of steps over which beta falls", above=0, below=1)
+    epsilon: float = opt(0.2, "lower clip range: ratio >= 1 - epsilon", low=0, below=1)
+    epsilon_high: float = opt(0.2, "upper clip range: ratio <= 1 + epsilon_high (clip-higher)", low=0)
+    loss_agg: str = opt(
+        "token", "token (TRL: dapo, bnpo), sequence (J_clip), grpo, dr_grpo", choices=LOSS_AGGREGATIONS
+    )
+    kl_bias_correction: bool = opt(False, "multiply the KL term by the ratio rho_t (TRL's default)")
+    mask_truncated: bool = opt(False, "leave answers that never closed out of the loss")
+    # advantages
+    answer_pool: str = opt("all", "answer advantage group: K*M answers, or M", choices=("all", "thought"))
     scale_rewards: bool = opt(True, "divide by the group std; --no-scale-rewards centres only (Dr. GRPO)")
-    ddof: int = opt(1, "delta degrees of freedom of the std (1: unbiased, as TRL and verl)")
+    ddof: int = opt(1, "delta degrees of freedom of the std (1: unbiased, as TRL and verl)", choices=(0, 1))
     # rewards
-    reward: str = opt("accuracy,format", "comma-separated reward functions: accuracy, format, steprar, steprvr")
+    reward: str = opt("accuracy,format", "comma-separated: accuracy, format, steprar, steprvr")
     reward_weights: str = opt("", "comma-separated weights, one per reward (empty: all 1)")
     step_alpha: float = opt(0.1, "StepRAR: weight of the key-step match fraction")
     # sampling
-    temperature: float = opt(1.0, "sampling temperature; logits are divided by it in the loss too")
-    max_thought_tokens: int = opt(40, "token budget of a thought; longer thoughts are closed by force")
-    max_answer_tokens: int = opt(10, "token budget of an answer")
+    temperature: float = opt(1.0, "sampling temperature; the loss divides logits by it too", above=0)
+    max_thought_tokens: int = opt(40, "token budget of a thought; longer ones are closed by force", low=1)
+    max_answer_tokens: int = opt(10, "token budget of an answer", low=1)
     # task and model
-    task: str = opt("addsub", "embedded task family for training: addsub or muladd")
-    eval_task: str = opt("", "task family for held-out evaluation (empty: same as --task)")
-    model: str = opt(EMBEDDED, "'embedded' (small Qwen2 built here), or a hub id / local path of a Qwen model")
+    task: str = opt("addsub", "embedded task family for training", choices=("addsub", "muladd"))
+    eval_task: str = opt("", "held-out task family (empty: --task)", choices=("", "addsub", "muladd"))
+    model: str = opt(EMBEDDED, "'embedded' (the small Qwen2 built here), or a hub id / folder of a Qwen")
+    lora_rank: int = opt(0, "LoRA rank (peft), adapters added after the warm-up; 0: full fine-tuning", low=0)
+    lora_alpha: int = opt(16, "LoRA alpha: the adapters' update is scaled by alpha / rank", low=1)
+    lora_dropout: float = opt(0.0, "LoRA dropout", low=0, below=1)
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "modules LoRA adapts")
     device: str = opt("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    gradient_checkpointing: bool = opt(False, "trade compute for memory on large models")
     seed: int = opt(0, "seed of data, model init and sampling")
-    # logging and checkpoints
-    out: str = opt("runs/default", "output folder: config.json, metrics.jsonl, checkpoint.pt, summary.json")
-    resume: bool = opt(False, "continue from OUT/checkpoint.pt with nothing lost")
-    save_every: int = opt(10, "write a checkpoint every N steps")
-    eval_every: int = opt(50, "held-out evaluation every N steps (and at start and end)")
-    eval_size: int = opt(200, "held-out prompts per evaluation")
-    gss_window: int = opt(50, "steps in the gradient-spike-score running mean")
+    # the run's folder
+    out: str = opt("runs/default", "output folder: config, metrics, checkpoints, summary, final/")
+    resume: bool = opt(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = opt(False, "clear the run files in --out and start a new run there")
+    save_every: int = opt(10, "write a checkpoint every N steps", low=1)
+    save_merged: bool = opt(False, "with LoRA: also save the merged model in OUT/final-merged")
+    eval_every: int = opt(50, "held-out evaluation every N steps (and at start and end)", low=1)
+    eval_size: int = opt(200, "held-out prompts per evaluation", low=1)
+    gss_window: int = opt(50, "steps in the gradient-spike-score running mean", low=1)
+
+
+# settings a resumed run may change: none of them changes what the run computes
+RESUMABLE_CHANGES = {
+    "resume",
+    "overwrite",
+    "device",
+    "out",
+    "steps",
+    "save_every",
+    "save_merged",
+    "micro_batch",
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def validate_config(cfg: Config) -> None:
-    """Reject settings that would otherwise give a silent wrong result."""
-    checks = [
-        (cfg.thoughts >= 2, f"--thoughts (K) must be >= 2: a group of one thought has no advantage, got {cfg.thoughts}"),
-        (cfg.answers >= 1, f"--answers (M) must be >= 1, got {cfg.answers}"),
-        (cfg.answer_pool != "thought" or cfg.answers >= 2,
-         "--answer-pool thought needs --answers >= 2: one answer per group has no advantage"),
-        (cfg.ddof in (0, 1) and cfg.ddof < cfg.thoughts, f"--ddof must be 0 or 1, got {cfg.ddof}"),
-        (cfg.prompts_per_step >= 1 and cfg.steps >= 0 and cfg.warmup_steps >= 0, "step counts must be >= 0"),
-        (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
-        (cfg.num_iterations >= 1, f"--num-iterations must be >= 1, got {cfg.num_iterations}"),
-        (0 <= cfg.epsilon < 1 and cfg.epsilon_high >= 0, "--epsilon must be in [0, 1), --epsilon-high >= 0"),
-        (cfg.beta >= 0 and 0 <= cfg.beta_min <= cfg.beta_max, "need beta >= 0 and 0 <= beta_min <= beta_max"),
-        (0 < cfg.explore_share < 1, f"--explore-share must be in (0, 1), got {cfg.explore_share}"),
+    """Reject, before any work, every setting that would fail later or give a silent wrong result."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        bounds = f.metadata
+        if "choices" in bounds and value not in bounds["choices"]:
+            raise ValueError(f"{flag(f.name)} must be one of {bounds['choices']}, got {value!r}")
+        if "low" in bounds and value < bounds["low"]:
+            raise ValueError(f"{flag(f.name)} must be >= {bounds['low']}, got {value}")
+        if "above" in bounds and value <= bounds["above"]:
+            raise ValueError(f"{flag(f.name)} must be > {bounds['above']}, got {value}")
+        if "below" in bounds and value >= bounds["below"]:
+            raise ValueError(f"{flag(f.name)} must be < {bounds['below']}, got {value}")
+    rules = [
+        (cfg.answer_pool != "thought" or cfg.answers >= 2, "--answer-pool thought needs --answers >= 2"),
+        (cfg.beta_min <= cfg.beta_max, f"--beta-min {cfg.beta_min} exceeds --beta-max {cfg.beta_max}"),
         (cfg.kl_schedule != "dynamic" or cfg.steps >= 1, "--kl-schedule dynamic needs --steps >= 1"),
-        (cfg.max_thought_tokens >= 1 and cfg.max_answer_tokens >= 1, "token budgets must be >= 1"),
-        (cfg.save_every >= 1 and cfg.eval_every >= 1 and cfg.eval_size >= 1, "save/eval intervals must be >= 1"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
     ]
-    for ok, message in checks:
+    for ok, message in rules:
         if not ok:
             raise ValueError(message)
-    for family in (cfg.task, cfg.eval_task or cfg.task):
-        if family not in TASK_FAMILIES:
-            raise ValueError(f"unknown task family {family!r}; choose from {sorted(TASK_FAMILIES)}")
+    # a hub id is 'name' or 'org/name'; anything else is meant as a folder, which must exist
+    as_path = cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1 or Path(cfg.model).exists()
+    if cfg.model != EMBEDDED and as_path and not Path(cfg.model).expanduser().is_dir():
+        raise ValueError(f"--model {cfg.model}: no such folder")
     reward_functions(cfg)  # raises on unknown names or a weight count that does not match
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if cfg.prompts_per_step % processes:
+        raise ValueError(
+            f"--prompts-per-step {cfg.prompts_per_step} does not split over {processes} processes"
+        )
 
 
 # ================================================================================================
-# 2. Task, tokenizer and model (SPEC §4)
+# 2. Task, tokenizer and model: the embedded default, or a real checkpoint through the same code
 # ================================================================================================
 @dataclass
 class Example:
-    question: str                 # "2+9-6": operations applied left to right
-    thought: str                  # reference reasoning, the intermediate results: "1:2+9=11;</think>"
-    key_steps: list[list[str]]    # each key step: a set of equivalent strings (StepRAR)
-    answer: str                   # "5": the answer applies the last operation to the last intermediate result
+    question: str  # "2+9-6": operations applied left to right
+    thought: str  # reference reasoning, the intermediate results: "1:2+9=11;</think>"
+    key_steps: list[list[str]]  # each key step: a set of equivalent strings (StepRAR)
+    answer: str  # "5": the answer applies the last operation to the last intermediate result
 
 
 TASK_FAMILIES = {"addsub": "+-", "muladd": "+-*"}
@@ -153,45 +186,55 @@ def make_example(rng: random.Random, family: str) -> Example:
     """One problem of 2-3 operations. The thought writes every intermediate result; the answer must apply
     the last operation itself, so answers to one thought can differ: the M answers carry signal."""
     value = rng.randint(1, 9)
-    question, steps, key_steps = str(value), [], []
+    question = str(value)
+    steps = []
+    key_steps = []
     for _ in range(rng.randint(2, 3)):
-        op, operand = rng.choice(TASK_FAMILIES[family]), rng.randint(1, 9)
+        op = rng.choice(TASK_FAMILIES[family])
+        operand = rng.randint(1, 9)
         if op == "*":
             operand = rng.randint(2, 3)
         if op == "-" and operand > value:  # keep every intermediate result non-negative
             op = "+"
         result = {"+": value + operand, "-": value - operand, "*": value * operand}[op]
         step = f"{value}{op}{operand}={result}"
-        question, value = question + f"{op}{operand}", result
+        question += f"{op}{operand}"
+        value = result
         steps.append(step)
-        key_steps.append([step] + ([f"{operand}{op}{step.split(op)[0]}={result}"] if op in "+*" else []))
-    intermediate = steps[:-1]
-    thought = "".join(f"{i}:{s};" for i, s in enumerate(intermediate, 1)) + THINK_CLOSE
+        commuted = [f"{operand}{op}{step.split(op)[0]}={result}"] if op in "+*" else []
+        key_steps.append([step, *commuted])
+    thought = "".join(f"{i}:{s};" for i, s in enumerate(steps[:-1], 1)) + THINK_CLOSE
     return Example(question, thought, key_steps[:-1], str(value))
 
 
-def is_held_out(question: str) -> bool:
-    """A stable hash puts one question in five in the held-out split, so train and eval never overlap."""
-    return zlib.crc32(question.encode()) % 5 == 0
-
-
 def sample_examples(rng: random.Random, family: str, n: int, held_out: bool) -> list[Example]:
+    """n examples from the training or the held-out split: a stable hash puts one question in five in the
+    held-out split, so training never sees an evaluation question."""
     examples = []
     while len(examples) < n:
         example = make_example(rng, family)
-        if is_held_out(example.question) == held_out:
+        if (zlib.crc32(example.question.encode()) % 5 == 0) == held_out:
             examples.append(example)
     return examples
 
 
 def held_out_examples(cfg: Config, family: str | None = None) -> list[Example]:
     """A run's evaluation set: fixed by the seed, from --eval-task (or `family`), never seen in training."""
-    return sample_examples(random.Random(10_000 + cfg.seed), family or cfg.eval_task or cfg.task, cfg.eval_size,
-                           held_out=True)
+    family = family or cfg.eval_task or cfg.task
+    return sample_examples(random.Random(10_000 + cfg.seed), family, cfg.eval_size, held_out=True)
 
 
-SYSTEM_PROMPT = (f"Solve the problem step by step inside {THINK_OPEN} {THINK_CLOSE}, then give only the final "
-                 f"number inside {ANSWER_OPEN} {ANSWER_CLOSE}.")
+def draw_examples(rng: random.Random, n: int, cfg: Config, pool: list[Example] | None) -> list[Example]:
+    """n training examples: from a recipe's pool, or fresh from the embedded generator."""
+    if pool is not None:
+        return rng.sample(pool, n)
+    return sample_examples(rng, cfg.task, n, held_out=False)
+
+
+SYSTEM_PROMPT = (
+    f"Solve the problem step by step inside {THINK_OPEN} {THINK_CLOSE}, then give only the final "
+    f"number inside {ANSWER_OPEN} {ANSWER_CLOSE}."
+)
 
 
 def format_prompt(tokenizer, question: str) -> str:
@@ -212,32 +255,32 @@ def build_char_tokenizer():
     specials = ["<pad>", "<eos>", "<unk>"]
     # lowercase letters are not used by the task, but transformers' stop-string matcher probes them
     chars = list("0123456789+-*=?:;,. ()abcdefghijklmnopqrstuvwxyz\n")
-    core = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[], unk_token="<unk>"))
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
     core.add_special_tokens([AddedToken(s, special=True) for s in specials])
     core.add_tokens([AddedToken(m, special=False, normalized=False) for m in FORMAT_MARKERS])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    specials = dict(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, **specials)
 
 
 def build_embedded_model(tokenizer):
-    """A small Qwen2ForCausalLM from a Qwen2Config: same architecture as Qwen2.5, 0.6M parameters."""
+    """A small Qwen2ForCausalLM from a Qwen2Config: the architecture of Qwen2.5, 598,656 parameters."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    return Qwen2ForCausalLM(config)
+    size = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, max_position_embeddings=128)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2)
+    tokens = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    tokens["eos_token_id"] = tokenizer.eos_token_id
+    return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **size, **heads, **tokens))
 
 
 def check_format_markers(tokenizer) -> None:
-    """The thought/answer split needs each marker to survive encode -> decode unchanged."""
-    unknown = {tokenizer.unk_token_id} - {None}
+    """The thought/answer split needs each format marker to survive encode -> decode unchanged."""
     for marker in FORMAT_MARKERS:
         ids = tokenizer.encode(marker, add_special_tokens=False)
-        if tokenizer.decode(ids) != marker or unknown & set(ids):
-            raise ValueError(f"tokenizer cannot represent the format marker {marker!r} (encodes to {ids}); "
-                             "add it to the vocabulary or use a tokenizer that can write it")
+        if tokenizer.decode(ids) != marker or tokenizer.unk_token_id in ids:
+            raise ValueError(f"tokenizer cannot write the format marker {marker!r} (encodes to {ids})")
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token: answers could never end")
 
@@ -250,17 +293,29 @@ def load_policy(cfg: Config, device: torch.device):
         tokenizer = build_char_tokenizer()
         model = build_embedded_model(tokenizer)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        # float32 master weights: AdamW on bf16 weights rounds away updates of lr ~1e-6; CUDA computes in bf16
-        # through autocast (see `compute_precision`)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+            # float32 master weights: AdamW on bf16 weights rounds away updates of lr ~1e-6; CUDA computes
+            # in bf16 through autocast (see `compute_precision`)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise ValueError(f"--model {cfg.model}: cannot load it ({reason})") from error
+    check_format_markers(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right
-    check_format_markers(tokenizer)
-    if cfg.gradient_checkpointing:
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     return model.to(device), tokenizer
+
+
+def add_lora(model, cfg: Config):
+    """peft LoRA adapters on the attention and MLP projections: only they train, and the same model with
+    `disable_adapter()` is the frozen start policy, the KL reference (no second copy in memory)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
+    sizes = dict(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+    return get_peft_model(model, LoraConfig(**sizes, target_modules=targets))
 
 
 # ================================================================================================
@@ -268,97 +323,113 @@ def load_policy(cfg: Config, device: torch.device):
 # ================================================================================================
 @dataclass
 class Tree:
-    """One step's rollouts as token-id lists, prompt-major: thought p*K+k, answer (p*K+k)*M+m."""
-    prompt_ids: list[list[int]]     # [P]
-    thought_ids: list[list[int]]    # [P*K] tokens the policy sampled (ends with </think> unless forced)
-    forced_close: list[list[int]]   # [P*K] marker tokens appended to a thought that never closed ([] if none)
-    answer_ids: list[list[int]]     # [P*K*M] sampled answer tokens (ends with </answer> or eos, or truncated)
-    thoughts: list[str]             # [P*K] decoded thought text, including </think>
-    answers: list[str]              # [P*K*M] decoded answer text
+    """One step's rollouts as nested lists: prompt p, its thought k, that thought's answer m. A rollout's
+    place in the (P, K, M) tree is its position in these lists; nothing else encodes it."""
+
+    prompt_ids: list[list[int]]  # [P][tokens]
+    thought_ids: list[list[list[int]]]  # [P][K][tokens] sampled (ends with </think> unless forced)
+    forced_close: list[list[list[int]]]  # [P][K][tokens] marker appended to a thought that never closed
+    answer_ids: list[list[list[list[int]]]]  # [P][K][M][tokens] sampled (to </answer>, eos or budget)
+    thoughts: list[list[str]]  # [P][K] decoded thought text, including </think>
+    answers: list[list[list[str]]]  # [P][K][M] decoded answer text
+
+    def thought_slots(self) -> list[tuple[int, int]]:
+        """Every (p, k), prompt-major: the order of thoughts in generate() and in micro-batches."""
+        return [(p, k) for p, thoughts in enumerate(self.thought_ids) for k in range(len(thoughts))]
+
+    def answer_slots(self) -> list[tuple[int, int, int]]:
+        """Every (p, k, m), prompt-major, then thought, then answer."""
+        return [(p, k, m) for p, k in self.thought_slots() for m in range(len(self.answer_ids[p][k]))]
+
+    def prefix(self, p: int, k: int) -> list[int]:
+        """Prompt + thought + forced close: the context every answer of thought (p, k) continues."""
+        return self.prompt_ids[p] + self.thought_ids[p][k] + self.forced_close[p][k]
 
 
-def generation_kwargs(tokenizer, cfg: Config, do_sample: bool, max_new_tokens: int, stop: str) -> dict:
-    """Pin every sampling knob so the sampler is exactly softmax(logits / T), the distribution the loss
-    scores (a checkpoint's generation_config may carry top_k, top_p or a repetition penalty)."""
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0) if do_sample else \
-        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-    return dict(sampling, max_new_tokens=max_new_tokens, repetition_penalty=1.0, stop_strings=[stop],
-                tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+def group_rows(rows: list, size: int) -> list[list]:
+    """[a, b, c, d], 2 -> [[a, b], [c, d]]: generate()'s flat rows back into the tree."""
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    """Rows of token ids -> (ids, attention mask), both (B, width), padded on the left."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
     return ids, mask
 
 
+def right_pad(rows: list[list], value) -> list[list]:
+    width = max(len(row) for row in rows)
+    return [row + [value] * (width - len(row)) for row in rows]
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch as generate() derives them: each row's first real token is 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def cut_at_stop(ids: list[int], tokenizer, stop: str) -> tuple[list[int], str]:
-    """Cut a generated row after the token that completes `stop`, or at eos (kept), or keep it all.
+    """Cut a generated row after the token that completes `stop`, or after eos, or keep it all.
     Returns (kept ids, how it ended: 'stop', 'eos' or 'budget')."""
-    eos = tokenizer.eos_token_id
-    ended = "eos" if eos in ids else "budget"
-    ids = ids[: ids.index(eos) + 1] if eos in ids else ids
-    if stop not in tokenizer.decode(ids):
-        return ids, ended
-    low, high = 1, len(ids)  # smallest prefix whose text contains `stop` (containment grows with the prefix)
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if stop in tokenizer.decode(ids[:mid]) else (mid + 1, high)
-    return ids[:low], "stop"
+    for end in range(1, len(ids) + 1):
+        if stop in tokenizer.decode(ids[:end]):
+            return ids[:end], "stop"
+        if ids[end - 1] == tokenizer.eos_token_id:
+            return ids[:end], "eos"
+    return ids, "budget"
 
 
 @torch.no_grad()
-def sample_thoughts(model, tokenizer, prompt_ids, k: int, cfg: Config, do_sample: bool):
-    """Stage 1: K thoughts per prompt, each stopped at </think>. A thought that ends by eos or budget is
-    closed by appending the marker tokens, which the loss never counts (SPEC §1, truncation)."""
-    ids, mask = left_pad([p for p in prompt_ids for _ in range(k)], tokenizer.pad_token_id, model.device)
-    kwargs = generation_kwargs(tokenizer, cfg, do_sample, cfg.max_thought_tokens, THINK_CLOSE)
-    new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].tolist()
-    close_ids = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
-    thought_ids, forced = [], []
-    for row in new:
-        kept, ended = cut_at_stop(row, tokenizer, THINK_CLOSE)
-        if ended != "stop":  # a thought that never closed: drop a sampled eos, append the marker
-            kept = [t for t in kept if t != tokenizer.eos_token_id]
-        thought_ids.append(kept)
-        forced.append([] if ended == "stop" else close_ids)
-    return thought_ids, forced
-
-
-@torch.no_grad()
-def sample_answers(model, tokenizer, prefixes: list[list[int]], m: int, cfg: Config, do_sample: bool,
-                   reuse_prefix_cache: bool = True) -> list[list[int]]:
-    """Stage 2: M answers per prefix (prompt + thought). The shared prefix is prefilled ONCE and its KV cache
-    is repeated M times, instead of recomputing it for every answer (nanochat's trick)."""
+def sample_continuations(
+    model, tokenizer, prefixes, n: int, budget: int, stop: str, cfg: Config, do_sample: bool
+) -> list[tuple[list[int], str]]:
+    """n continuations of every prefix, each cut by `cut_at_stop`, at exactly softmax(logits / T) (every
+    knob a checkpoint's generation_config may set is pinned). The shared prefix is prefilled ONCE and its KV
+    cache repeated n times. Returns (ids, how it ended), prefix-major: continuation j of prefix i is i*n+j."""
     from transformers import DynamicCache
 
     ids, mask = left_pad(prefixes, tokenizer.pad_token_id, model.device)
-    kwargs = generation_kwargs(tokenizer, cfg, do_sample, cfg.max_answer_tokens, ANSWER_CLOSE)
-    if reuse_prefix_cache:
-        # positions as generate() derives them from a left-padded mask, so the cache continues seamlessly
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-              past_key_values=cache, use_cache=True, logits_to_keep=1)  # all but the last token: generate() feeds it
-        cache.batch_repeat_interleave(m)
-        kwargs["past_key_values"] = cache
-    ids, mask = ids.repeat_interleave(m, dim=0), mask.repeat_interleave(m, dim=0)
-    new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].tolist()
-    return [cut_at_stop(row, tokenizer, ANSWER_CLOSE)[0] for row in new]
+    if do_sample:
+        kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+    else:
+        kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    kwargs |= dict(max_new_tokens=budget, stop_strings=[stop], tokenizer=tokenizer, repetition_penalty=1.0)
+    kwargs |= dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if ids.shape[1] > 1:  # all but the last token: generate() feeds that one and continues the cache
+        kwargs["cache"] = DynamicCache(config=model.config)
+        positions = positions_from_mask(mask)[:, :-1]
+        inputs = dict(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions)
+        model(**inputs, cache=kwargs["cache"], use_cache=True, logits_to_keep=1)
+        kwargs["cache"].batch_repeat_interleave(n)
+    ids = ids.repeat_interleave(n, dim=0)
+    mask = mask.repeat_interleave(n, dim=0)
+    new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
+    return [cut_at_stop(row, tokenizer, stop) for row in new.tolist()]
 
 
 def sample_tree(model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample: bool = True) -> Tree:
-    """The two stages of GRPO-MA rollout (SPEC §1): K thoughts per prompt, M answers per thought."""
+    """The two stages of GRPO-MA rollout: K thoughts per prompt, then M answers per thought. A thought that
+    ended by eos or budget is closed by appending the marker (never trained on), dropping a sampled eos."""
     was_training = model.training
     model.eval()
-    thought_ids, forced = sample_thoughts(model, tokenizer, prompt_ids, k, cfg, do_sample)
-    prefixes = [prompt_ids[i // k] + t + f for i, (t, f) in enumerate(zip(thought_ids, forced))]
-    answer_ids = sample_answers(model, tokenizer, prefixes, m, cfg, do_sample)
+    close_ids = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
+    budget = cfg.max_thought_tokens
+    thoughts = sample_continuations(model, tokenizer, prompt_ids, k, budget, THINK_CLOSE, cfg, do_sample)
+    eos = tokenizer.eos_token_id
+    sampled = [ids if ended == "stop" else [t for t in ids if t != eos] for ids, ended in thoughts]
+    forced = [[] if ended == "stop" else close_ids for _, ended in thoughts]
+    tree = Tree(prompt_ids, group_rows(sampled, k), group_rows(forced, k), [], [], [])
+    prefixes = [tree.prefix(p, j) for p, j in tree.thought_slots()]
+    budget = cfg.max_answer_tokens
+    answers = sample_continuations(model, tokenizer, prefixes, m, budget, ANSWER_CLOSE, cfg, do_sample)
     model.train(was_training)
-    decode = lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True)  # noqa: E731
-    return Tree(prompt_ids, thought_ids, forced, answer_ids,
-                decode([t + f for t, f in zip(thought_ids, forced)]), decode(answer_ids))
+    tree.answer_ids = group_rows(group_rows([ids for ids, _ in answers], m), k)
+    texts = tokenizer.batch_decode([s + f for s, f in zip(sampled, forced)], skip_special_tokens=True)
+    tree.thoughts = group_rows(texts, k)
+    texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)
+    tree.answers = group_rows(group_rows(texts, m), k)
+    return tree
 
 
 # ================================================================================================
@@ -367,12 +438,15 @@ def sample_tree(model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sa
 RewardFn = Callable[[list[str], list[str], list[str], list[Example]], Sequence[float]]
 # the number must fill the answer block: "<answer>18.5</answer>" is not 18 (an unclosed answer may just stop)
 ANSWER_PATTERN = re.compile(re.escape(ANSWER_OPEN) + r"\s*(-?\d+)\s*(?:" + re.escape(ANSWER_CLOSE) + r"|$)")
+FORMAT_PATTERN = re.compile(re.escape(ANSWER_OPEN) + r"-?\d+" + re.escape(ANSWER_CLOSE))
 
 
 def per_answer(fn: Callable[[str, str, str, Example], float]) -> RewardFn:
     """Lift a per-answer score to a batched reward function (lists in, list out, as in TRL)."""
+
     def batched(prompts, thoughts, answers, examples):
         return [fn(p, t, a, e) for p, t, a, e in zip(prompts, thoughts, answers, examples)]
+
     batched.__name__ = fn.__name__
     return batched
 
@@ -395,7 +469,7 @@ def accuracy(prompt, thought, answer, example) -> float:
 @per_answer
 def format_reward(prompt, thought, answer, example) -> float:
     """1 for an answer that is exactly <answer>NUMBER</answer>."""
-    return float(re.fullmatch(re.escape(ANSWER_OPEN) + r"-?\d+" + re.escape(ANSWER_CLOSE), answer.strip()) is not None)
+    return float(FORMAT_PATTERN.fullmatch(answer.strip()) is not None)
 
 
 def key_step_fraction(thought: str, key_steps: list[list[str]]) -> float:
@@ -415,17 +489,20 @@ def reasoning_is_valid(thought: str, answer: str) -> bool:
     steps = STEP_PATTERN.findall(body)
     if not steps or "".join(f"{n}:{a}{op}{b}={c};" for n, a, op, b, c in steps) != body:
         return False
-    if [int(n) for n, *_ in steps] != list(range(1, len(steps) + 1)):
+    if [int(step[0]) for step in steps] != list(range(1, len(steps) + 1)):
         return False
-    if any(nxt[1] != prev[4] for prev, nxt in zip(steps, steps[1:])):
+    if any(following[1] != previous[4] for previous, following in zip(steps, steps[1:])):
         return False
     return extract_answer(answer) is not None and ANSWER_CLOSE in answer
 
 
 def make_steprar(alpha: float) -> RewardFn:
     """StepRAR (R1-VL): correct + alpha * (fraction of key steps matched in the thought)."""
+
     def steprar(prompt, thought, answer, example) -> float:
-        return float(answer_is_correct(answer, example)) + alpha * key_step_fraction(thought, example.key_steps)
+        matched = key_step_fraction(thought, example.key_steps)
+        return float(answer_is_correct(answer, example)) + alpha * matched
+
     return per_answer(steprar)
 
 
@@ -435,69 +512,67 @@ def steprvr(prompt, thought, answer, example) -> float:
 
 
 def reward_functions(cfg: Config) -> list[tuple[RewardFn, float]]:
-    registry = {"accuracy": accuracy, "format": format_reward, "steprar": make_steprar(cfg.step_alpha),
-                "steprvr": steprvr}
-    names = [n.strip() for n in cfg.reward.split(",") if n.strip()]
-    unknown = [n for n in names if n not in registry]
+    registry = {"accuracy": accuracy, "format": format_reward, "steprar": make_steprar(cfg.step_alpha)}
+    registry["steprvr"] = steprvr
+    names = [name.strip() for name in cfg.reward.split(",") if name.strip()]
+    unknown = [name for name in names if name not in registry]
     if not names or unknown:
-        raise ValueError(f"unknown reward function(s) {unknown or cfg.reward!r}; choose from {sorted(registry)}")
-    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(names)
+        raise ValueError(f"--reward {cfg.reward!r}: unknown {unknown}; choose from {sorted(registry)}")
+    weights = [1.0] * len(names)
+    if cfg.reward_weights:
+        try:
+            weights = [float(w) for w in cfg.reward_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"--reward-weights {cfg.reward_weights!r}: expected numbers") from None
     if len(weights) != len(names):
         raise ValueError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
-    return [(registry[n], w) for n, w in zip(names, weights)]
+    return [(registry[name], weight) for name, weight in zip(names, weights)]
 
 
-def score_answers(reward_fns: list[tuple[RewardFn, float]], tree: Tree, examples: list[Example],
-                  prompts: list[str], k: int, m: int) -> torch.Tensor:
-    """R[p, k, m] = sum_f w_f * f(...). Every answer is scored on its own; a function may read the thought.
-    Returns float32 (P, K, M). A non-finite value or a wrong count is an error naming the function."""
-    n = len(tree.answers)
-    thoughts = [tree.thoughts[i // m] for i in range(n)]
-    per_answer_examples = [examples[i // (k * m)] for i in range(n)]
-    per_answer_prompts = [prompts[i // (k * m)] for i in range(n)]
-    total = torch.zeros(n, dtype=torch.float64)
+def score_answers(reward_fns, tree: Tree, examples: list[Example], prompts: list[str]) -> dict:
+    """R[p, k, m] = sum_f w_f * f(prompt_p, thought_pk, answer_pkm, example_p). Every answer is scored on its
+    own; a function may read the thought. Returns float32 (P, K, M) tensors: "total", and each function's
+    unweighted values under "reward/<name>". A non-finite value or a wrong count is an error naming it."""
+    slots = tree.answer_slots()
+    texts = [tree.answers[p][k][m] for p, k, m in slots]
+    thoughts = [tree.thoughts[p][k] for p, k, _ in slots]
+    inputs = ([prompts[p] for p, _, _ in slots], thoughts, texts, [examples[p] for p, _, _ in slots])
+    shape = (len(tree.prompt_ids), len(tree.thought_ids[0]), len(tree.answer_ids[0][0]))
+    scores = {"total": torch.zeros(shape, dtype=torch.float64)}
     for fn, weight in reward_fns:
         name = getattr(fn, "__name__", repr(fn))
-        values = list(fn(per_answer_prompts, thoughts, tree.answers, per_answer_examples))
-        if len(values) != n:
-            raise ValueError(f"reward function {name!r} returned {len(values)} values for {n} answers")
-        values = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        if not torch.isfinite(values).all():
-            bad = int((~torch.isfinite(values)).nonzero()[0])
-            raise ValueError(f"reward function {name!r} returned {values[bad].item()} for answer {bad} "
-                             f"({tree.answers[bad]!r}); rewards must be finite")
-        total += weight * values
-    return total.view(-1, k, m).float()
+        values = [float(v) for v in fn(*inputs)]
+        if len(values) != len(slots):
+            raise ValueError(f"reward function {name!r} gave {len(values)} values for {len(slots)} answers")
+        bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
+        if bad:
+            answer = texts[bad[0]]
+            raise ValueError(f"reward function {name!r} gave {values[bad[0]]} for answer {answer!r}")
+        scores[f"reward/{name}"] = torch.tensor(values, dtype=torch.float64).view(shape)
+        scores["total"] += weight * scores[f"reward/{name}"]
+    return {name: values.float() for name, values in scores.items()}
 
 
 # ================================================================================================
-# 5. Advantages (SPEC §1): one group-normalise helper, used at the thought and the answer level
+# 5. Advantages: one group-normalise helper, used at the thought and the answer level
 # ================================================================================================
-def group_normalise(values: torch.Tensor, *, scale: bool = True, ddof: int = 1, eps: float = 1e-4) -> torch.Tensor:
-    """A = (x - mean(x)) / (std(x) + eps) over the last dim; a group whose values are all equal gets exactly 0.
-
-    values: (..., G) -> (..., G). Any finite input gives a finite output (property-tested)."""
-    x = values.double()
-    high, low = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
-    constant = high == low
-    if x.shape[-1] <= ddof:  # too few values for a std: only a constant group can occur
+def group_normalise(values: torch.Tensor, *, scale: bool = True, ddof: int = 1, eps: float = 1e-4):
+    """A = (x - mean(x)) / (std(x) + eps) over the last dim, in float64; scale=False: A = x - mean(x).
+    A group whose values are all equal gets exactly 0 (not a float residue, not NaN).
+    values: (..., G) -> (..., G), in the dtype of `values`."""
+    if values.shape[-1] <= ddof:  # no std from one value: only a constant group can occur
         return torch.zeros_like(values)
-    # in units of the group's range every value lies in [-1, 1], so no sum or square overflows or underflows;
-    # (x - mean)/(std + eps) = (u - mean u)/(std u + eps/span) exactly
-    span = torch.where(torch.isfinite(high - low), high - low, high / 2 - low / 2)
-    span = torch.where(constant, torch.ones_like(span), span)
-    u = (x - (high / 2 + low / 2)) / span
-    centred = u - u.mean(-1, keepdim=True)
-    if scale:  # tensor / tensor: a Python scalar / tensor would multiply by 1/span, inf for a subnormal span
-        advantage = centred / (u.std(-1, correction=ddof, keepdim=True) + torch.full_like(span, eps) / span)
-    else:
-        advantage = centred * span
+    x = values.double()
+    centred = x - x.mean(-1, keepdim=True)
+    advantage = centred / (x.std(-1, correction=ddof, keepdim=True) + eps) if scale else centred
+    constant = x.amax(-1, keepdim=True) == x.amin(-1, keepdim=True)
     return torch.where(constant, torch.zeros_like(advantage), advantage).to(values.dtype)
 
 
-def ma_advantages(rewards: torch.Tensor, *, answer_pool: str = "all", scale: bool = True, ddof: int = 1,
-                  eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO-MA advantages (SPEC §1, paper Eq. 3-5).
+def ma_advantages(
+    rewards: torch.Tensor, *, answer_pool: str = "all", scale: bool = True, ddof: int = 1, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO-MA advantages (paper Eq. 3-5).
 
         V_k           = mean_m R[k, m]                           thought value
         A_thought[k]  = (V_k - mean_j V_j) / (std_j V_j + eps)    over the K thoughts
@@ -508,18 +583,15 @@ def ma_advantages(rewards: torch.Tensor, *, answer_pool: str = "all", scale: boo
         raise ValueError(f"rewards must have shape (..., K, M), got {tuple(rewards.shape)}")
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards contain NaN or inf")
+    if rewards.numel() and rewards.abs().max() > MAX_ABS_REWARD:
+        raise ValueError(f"rewards must lie within +-{MAX_ABS_REWARD:g}: their squares would overflow")
     if answer_pool not in ("all", "thought"):
         raise ValueError(f"answer_pool must be 'all' or 'thought', got {answer_pool!r}")
     norm = dict(scale=scale, ddof=ddof, eps=eps)
-    values = rewards.double()  # float64: a float32 mean of rewards near 3e38 would overflow
-    thought_values = values.mean(-1)
-    thought_values = torch.where(torch.isfinite(thought_values), thought_values, (values / values.shape[-1]).sum(-1))
-    thought_adv = group_normalise(thought_values, **norm).to(rewards.dtype)
+    thought_adv = group_normalise(rewards.double().mean(-1), **norm).to(rewards.dtype)
     if answer_pool == "all":
-        answer_adv = group_normalise(rewards.flatten(-2), **norm).view_as(rewards)
-    else:
-        answer_adv = group_normalise(rewards, **norm)
-    return thought_adv, answer_adv
+        return thought_adv, group_normalise(rewards.flatten(-2), **norm).view_as(rewards)
+    return thought_adv, group_normalise(rewards, **norm)
 
 
 def zero_std_share(values: torch.Tensor) -> float:
@@ -528,60 +600,170 @@ def zero_std_share(values: torch.Tensor) -> float:
 
 
 # ================================================================================================
-# 6. Loss: PPO-clip surrogate + beta(s) * k3 KL, thought tokens counted once
+# 6. Loss: PPO-clip surrogate + beta(s) * k3 KL, thought tokens counted once, computed on the tree
 # ================================================================================================
 @dataclass
-class TrainBatch:
-    """P*K*M sequences prompt + thought + answer, right-padded. Masks mark the tokens the loss counts:
-    a thought's sampled tokens only in its first answer's row (counted once), every answer's sampled tokens."""
-    input_ids: torch.Tensor        # (B, T)
-    attention_mask: torch.Tensor   # (B, T)
-    thought_mask: torch.Tensor     # (B, T-1) float, aligned with the predicted token input_ids[:, 1:]
-    answer_mask: torch.Tensor      # (B, T-1) float
-    advantages: torch.Tensor       # (B, T-1) thought_adv on thought tokens, answer_adv on answer tokens
+class TreeBatch:
+    """A micro-batch of B thoughts of the tree, each with its M answers, as padded tensors, and one advantage
+    and one loss weight per counted token, in the order tree_logprobs returns the tokens: thoughts, then
+    answers, each row by row."""
+
+    prefix_ids: torch.Tensor  # (B, Lp) prompt + thought + forced close, left-padded
+    prefix_mask: torch.Tensor  # (B, Lp) attention mask
+    thought_mask: torch.Tensor  # (B, Lp) bool: a sampled thought token, scored from the position before
+    answer_ids: torch.Tensor  # (B*M, La) answers, right-padded, thought-major
+    answer_mask: torch.Tensor  # (B*M, La) bool: a sampled answer token
+    advantages: torch.Tensor  # (Nt + Na,) A_thought on thought tokens, A_answer on answer tokens
+    weights: torch.Tensor  # (Nt + Na,) each token's share w_t of the step's loss
 
 
-def build_train_batch(tree: Tree, thought_adv: torch.Tensor, answer_adv: torch.Tensor, m: int,
-                      pad_id: int, device) -> TrainBatch:
-    """thought_adv: (P, K), answer_adv: (P, K, M) -> one row per answer. Forced </think> tokens are context
-    only (mask 0), like the prompt and the padding."""
-    thought_flat, answer_flat = thought_adv.flatten().tolist(), answer_adv.flatten().tolist()
-    k = len(tree.thought_ids) // len(tree.prompt_ids)
-    rows, thought_masks, answer_masks, advantages = [], [], [], []
-    for i, answer in enumerate(tree.answer_ids):
-        t = i // m
-        prompt, thought, forced = tree.prompt_ids[t // k], tree.thought_ids[t], tree.forced_close[t]
-        count_thought = float(i % m == 0)
-        rows.append(prompt + thought + forced + answer)
-        thought_masks.append([0.0] * len(prompt) + [count_thought] * len(thought) + [0.0] * (len(forced) + len(answer)))
-        answer_masks.append([0.0] * (len(prompt) + len(thought) + len(forced)) + [1.0] * len(answer))
-        advantages.append([0.0] * len(prompt) + [thought_flat[t]] * (len(thought) + len(forced))
-                          + [answer_flat[i]] * len(answer))
-    width = max(len(r) for r in rows)
-    pad = lambda rs, v, dtype: torch.tensor([r + [v] * (width - len(r)) for r in rs], dtype=dtype, device=device)  # noqa: E731
-    # mask[t] says whether token t is counted; the loss predicts token t+1 from position t, so shift by one
-    return TrainBatch(pad(rows, pad_id, torch.long), pad([[1] * len(r) for r in rows], 0, torch.long),
-                      pad(thought_masks, 0.0, torch.float)[:, 1:], pad(answer_masks, 0.0, torch.float)[:, 1:],
-                      pad(advantages, 0.0, torch.float)[:, 1:])
+def loss_weights(tree: Tree, how: str, counted=None, max_length: int = 1) -> tuple[list, list]:
+    """w_t of each token of each thought [P][K] and each answer [P][K][M] in loss = sum_t w_t * L_t, fixed
+    over the WHOLE step before any micro-batch, so the update is the same whatever the micro-batch. Answers
+    not `counted` ([P][K][M] bools, --mask-truncated) weigh 0. With N counted answers:
+    token: 1 / (counted tokens: each thought's once, plus every answer's); GRPO's token mean when M = 1.
+    sequence: 1 / (thoughts * the thought's length) and 1 / (N * the answer's length): the mean of the
+    thoughts' token means plus the mean of the answers' token means (the paper's J_clip).
+    grpo: each path thought + answer is a sequence weighing 1 / (N * its length), the thought's share split
+    among its M paths (TRL's "grpo" when M = 1). dr_grpo: 1 / (N * max_length) (TRL's "dr_grpo" at M = 1)."""
+    counted = counted or [[[True] * len(by_k) for by_k in by_p] for by_p in tree.answer_ids]
+    thought_len = [[len(ids) for ids in by_p] for by_p in tree.thought_ids]  # [P][K]
+    answer_len = [[[len(ids) for ids in by_k] for by_k in by_p] for by_p in tree.answer_ids]  # [P][K][M]
+    slots = tree.answer_slots()
+    counts = {"answers": sum(counted[p][k][m] for p, k, m in slots)}
+    counts["tokens"] = sum(map(sum, thought_len)) + sum(
+        answer_len[p][k][m] * counted[p][k][m] for p, k, m in slots
+    )
+    counts["thoughts"] = sum(n > 0 for by_p in thought_len for n in by_p)  # an empty thought has no mean
+    counts = {key: max(value, 1) for key, value in all_reduce_sum(counts).items()}  # every process's trees
+    thought_share = [[0.0] * len(by_p) for by_p in thought_len]
+    answer_share = [[[0.0] * len(by_k) for by_k in by_p] for by_p in answer_len]
+    for p, k in tree.thought_slots():
+        n_thought = thought_len[p][k]
+        lengths = answer_len[p][k]
+        if how == "token":
+            shares = [1 / counts["tokens"] for _ in lengths]
+            thought_share[p][k] = 1 / counts["tokens"]
+        elif how == "sequence":
+            shares = [1 / (counts["answers"] * n) for n in lengths]
+            thought_share[p][k] = 1 / (counts["thoughts"] * max(n_thought, 1))
+        elif how == "grpo":
+            shares = [c / (counts["answers"] * (n_thought + n)) for n, c in zip(lengths, counted[p][k])]
+            thought_share[p][k] = sum(shares) / len(shares)
+        else:  # dr_grpo
+            shares = [1 / (counts["answers"] * max_length) for _ in lengths]
+            thought_share[p][k] = 1 / (counts["answers"] * max_length)
+        answer_share[p][k] = [share * c for share, c in zip(shares, counted[p][k])]
+    return thought_share, answer_share
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(y_t | y_<t) with logits divided by the sampling temperature (as TRL does), so the ratio compares
-    the distribution that actually sampled. (B, T) -> (B, T-1), float32."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
-    targets = input_ids[:, 1:]
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def build_tree_batch(tree: Tree, slots, thought_adv, answer_adv, weights, pad_id: int, device) -> TreeBatch:
+    """The micro-batch of thoughts `slots` [(p, k)] with their answers, advantages (thought_adv (P, K),
+    answer_adv (P, K, M)) and loss weights. Forced </think> tokens are context only, like the prompt."""
+    prefix_ids, prefix_mask = left_pad([tree.prefix(p, k) for p, k in slots], pad_id, device)
+    thought_mask = torch.zeros_like(prefix_mask, dtype=torch.bool)
+    for row, (p, k) in enumerate(slots):  # left-padded: the thought ends where its forced close begins
+        end = prefix_ids.shape[1] - len(tree.forced_close[p][k])
+        thought_mask[row, end - len(tree.thought_ids[p][k]) : end] = True
+    answers = [(p, k, m) for p, k in slots for m in range(len(tree.answer_ids[p][k]))]
+    rows = [tree.answer_ids[p][k][m] for p, k, m in answers]
+    answer_ids = torch.tensor(right_pad(rows, pad_id), device=device)
+    answer_mask = torch.tensor(right_pad([[True] * len(row) for row in rows], False), device=device)
+    thought_weights, answer_weights = weights
+    per_thought = [
+        (thought_adv[p, k].item(), thought_weights[p][k], len(tree.thought_ids[p][k])) for p, k in slots
+    ]
+    per_answer = [
+        (answer_adv[p, k, m].item(), answer_weights[p][k][m], len(ids))
+        for (p, k, m), ids in zip(answers, rows)
+    ]
+    advantages = [adv for adv, _, n in per_thought + per_answer for _ in range(n)]
+    token_weights = [weight for _, weight, n in per_thought + per_answer for _ in range(n)]
+    advantages = torch.tensor(advantages, dtype=torch.float32, device=device)
+    token_weights = torch.tensor(token_weights, dtype=torch.float32, device=device)
+    padded = (prefix_ids, prefix_mask, thought_mask, answer_ids, answer_mask)
+    return TreeBatch(*padded, advantages, token_weights)
+
+
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = 0):
+    """log softmax(logits / T)[target] row by row (as in TRL, logits are divided by the sampling temperature,
+    so the ratio compares the distribution that sampled), upcast to float32 one chunk at a time. Under
+    autograd each chunk is recomputed in the backward pass, so no float32 copy of all rows is ever kept.
+    logits: (N, V) any dtype, targets: (N,) -> (N,) float32."""
+    chunk = chunk or max(1, 2**26 // logits.shape[-1])  # about 256 MB of float32 logits per chunk
+
+    def chunk_logprobs(logits_chunk, targets_chunk):
+        scaled = logits_chunk.float() / temperature
+        return scaled.gather(-1, targets_chunk[:, None]).squeeze(-1) - scaled.logsumexp(-1)
+
+    parts = [logits.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, logits.shape[0], chunk):
+        args = (logits[start : start + chunk], targets[start : start + chunk])
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(chunk_logprobs(*args))
+    return torch.cat(parts)
+
+
+def tree_logprobs(model, batch: TreeBatch, temperature: float) -> torch.Tensor:
+    """log pi(token) of every counted token of the micro-batch, computed the way the tree was sampled.
+
+    Each prompt + thought is forwarded ONCE (with gradients, when enabled); its KV cache is repeated M times
+    and the M answers are forwarded against it. So no answer re-encodes its prompt and thought, and the
+    prefix's gradient collects every answer's share through the cache. Thought tokens take their log-probs
+    from the prefix pass; answer token 1 from the prefix's last position, later ones from the answer pass.
+    Only the positions the loss reads go through the LM head. Returns (Nt + Na,), float32, TreeBatch order."""
+    from transformers import DynamicCache
+
+    m = batch.answer_ids.shape[0] // batch.prefix_ids.shape[0]
+    width = batch.prefix_ids.shape[1]
+    # logits at position j score token j + 1: keep positions from just before the earliest thought token
+    has_thought = batch.thought_mask.any(-1)
+    first = batch.thought_mask.int().argmax(-1).masked_fill(~has_thought, width).min().item()
+    keep = width - max(first - 1, 0)
+    positions = positions_from_mask(batch.prefix_mask)
+    cache = DynamicCache(config=model.config)
+    inputs = dict(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=positions)
+    logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=keep).logits  # (B, keep, V)
+    scored = batch.thought_mask[:, width - keep + 1 :]
+    thought_targets = batch.prefix_ids[:, width - keep + 1 :][scored]
+    thought_logps = selected_logprobs(logits[:, :-1][scored], thought_targets, temperature)
+    answer_logits = logits[:, -1:].repeat_interleave(m, dim=0)  # (B*M, 1, V): scores each first token
+    if batch.answer_ids.shape[1] > 1:  # the last answer token scores nothing, so it is not fed
+        cache.batch_repeat_interleave(m)
+        answer_inputs = batch.answer_ids[:, :-1]
+        attention = torch.cat([batch.prefix_mask.repeat_interleave(m, dim=0), batch.answer_mask[:, :-1]], 1)
+        steps = torch.arange(1, answer_inputs.shape[1] + 1, device=answer_inputs.device)
+        inputs = dict(input_ids=answer_inputs, attention_mask=attention.long())
+        continued = positions[:, -1:].repeat_interleave(m, dim=0) + steps  # (B*M, La - 1)
+        rest = model(**inputs, position_ids=continued, cache=cache, use_cache=True).logits
+        answer_logits = torch.cat([answer_logits, rest], dim=1)  # (B*M, La, V)
+    answer_targets = batch.answer_ids[batch.answer_mask]
+    answer_logps = selected_logprobs(answer_logits[batch.answer_mask], answer_targets, temperature)
+    return torch.cat([thought_logps, answer_logps])
+
+
+class TreeForward(torch.nn.Module):
+    """`tree_logprobs` as one module call, so DistributedDataParallel sees one forward per backward."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: TreeBatch, temperature: float) -> torch.Tensor:
+        return tree_logprobs(self.policy, batch, temperature)
 
 
 def clipped_surrogate(logps, old_logps, advantages, eps_low: float, eps_high: float) -> torch.Tensor:
     """L_t = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A), rho_t = exp(logp - logp_old).
-    All (B, T-1) -> (B, T-1)."""
+    All (N,) -> (N,)."""
     ratio = torch.exp(logps - old_logps)
     return -torch.min(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
 
 
 def k3_kl(logps, ref_logps) -> torch.Tensor:
-    """KL_t = exp(ref - logp) - (ref - logp) - 1 (Schulman's k3: unbiased, always >= 0). (B, T-1)."""
+    """KL_t = exp(ref - logp) - (ref - logp) - 1 (Schulman's k3: unbiased, always >= 0). (N,) -> (N,)."""
     delta = ref_logps - logps
     return torch.exp(delta) - delta - 1
 
@@ -592,47 +774,63 @@ def kl_beta(step: int, total_steps: int, cfg: Config) -> float:
     linearly to beta_max at t: exploration first, then hold the policy close to the reference."""
     if cfg.kl_schedule == "constant":
         return cfg.beta
-    w, beta_mid = cfg.explore_share * total_steps, (cfg.beta_min + cfg.beta_max) / 2
+    w = cfg.explore_share * total_steps
+    beta_mid = (cfg.beta_min + cfg.beta_max) / 2
     if step <= w:
         return beta_mid - (beta_mid - cfg.beta_min) * step / w
     return cfg.beta_min + (cfg.beta_max - cfg.beta_min) * (step - w) / (total_steps - w)
 
 
-def aggregate(per_token: torch.Tensor, batch: TrainBatch, how: str) -> torch.Tensor:
-    """token: sum over counted tokens / their number (thoughts once + all answers); with M = 1 this is
-    GRPO's token-mean loss. sequence: mean over thoughts of each thought's token mean, plus the mean over
-    answers of each answer's token mean (the paper's J_clip). (B, T-1) -> scalar."""
-    if how == "token":
-        counted = batch.thought_mask + batch.answer_mask
-        return (per_token * counted).sum() / counted.sum().clamp(min=1)
-    thought_rows = batch.thought_mask.sum(-1) > 0
-    thought_means = (per_token * batch.thought_mask).sum(-1) / batch.thought_mask.sum(-1).clamp(min=1)
-    answer_means = (per_token * batch.answer_mask).sum(-1) / batch.answer_mask.sum(-1).clamp(min=1)
-    return thought_means[thought_rows].mean() + answer_means.mean()
-
-
-def grpo_ma_loss(logps, old_logps, ref_logps, batch: TrainBatch, beta: float, cfg: Config):
-    """Per-token PPO-clip surrogate plus beta * KL, aggregated. Returns (loss, metrics)."""
-    per_token = clipped_surrogate(logps, old_logps, batch.advantages, cfg.epsilon, cfg.epsilon_high)
-    counted = batch.thought_mask + batch.answer_mask
-    metrics = {}
+def grpo_ma_loss(logps, old_logps, ref_logps, advantages, weights, beta: float, cfg: Config):
+    """loss = sum_t w_t * (L_t + beta * KL_t) over counted tokens, all (N,); the weights w_t hold the
+    aggregation (token or sequence mean over the whole step). Returns (loss, sums for the step's metrics):
+    clip_frac counts every ratio outside the clip range, clip_ratio only those where the clip binds."""
+    per_token = clipped_surrogate(logps, old_logps, advantages, cfg.epsilon, cfg.epsilon_high)
+    ratio = torch.exp(logps - old_logps)
+    sums = {"tokens": float(len(logps)), "kl": 0.0}
     if ref_logps is not None:
         kl = k3_kl(logps, ref_logps)
-        per_token = per_token + beta * kl
-        metrics["kl"] = ((kl * counted).sum() / counted.sum()).item()
-    ratio = torch.exp(logps - old_logps).detach()
-    clipped = ((ratio < 1 - cfg.epsilon) | (ratio > 1 + cfg.epsilon_high)).float()
-    metrics["clip_frac"] = ((clipped * counted).sum() / counted.sum()).item()
-    return aggregate(per_token, batch, cfg.loss_agg), metrics
+        per_token = per_token + beta * (ratio * kl if cfg.kl_bias_correction else kl)
+        sums["kl"] = kl.sum().item()
+    low = ratio.detach() < 1 - cfg.epsilon
+    high = ratio.detach() > 1 + cfg.epsilon_high
+    sums["clip_frac"] = (low | high).sum().item()
+    sums["clip_ratio"] = ((low & (advantages < 0)) | (high & (advantages > 0))).sum().item()
+    return (weights * per_token).sum(), sums
 
 
 # ================================================================================================
 # 7. Train loop: warm-up -> evaluate -> [sample tree -> rewards -> advantages -> loss -> step] -> evaluate
 # ================================================================================================
-METRIC_KEYS = ("step", "reward_mean", "reward_std", "train_accuracy", "loss", "kl", "beta", "clip_frac",
-               "grad_norm", "gss", "gss_over_10", "zero_std_thought_frac", "zero_std_answer_frac", "thought_len",
-               "answer_len", "truncated_frac", "tokens_generated", "rollout_seconds", "train_seconds",
-               "eval_greedy_accuracy", "eval_sampled_accuracy")
+METRIC_KEYS = (
+    "step", "reward_mean", "reward_std", "train_accuracy", "loss", "kl", "beta", "clip_frac", "clip_ratio",
+    "grad_norm", "gss", "gss_over_10", "zero_std_thought_frac", "zero_std_answer_frac", "thought_len",
+    "answer_len", "truncated_frac", "tokens_generated", "rollout_seconds", "train_seconds",
+    "eval_greedy_accuracy", "eval_sampled_accuracy",
+)  # fmt: skip
+RUN_FILES = ("config.json", "metrics.jsonl", "reference.pt", "summary.json", "final")
+CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")  # the newest first
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless launched by torchrun."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather(obj) -> list:
+    """Every process's `obj`, in rank order ([obj] in a single process)."""
+    gathered = [obj] * world()[1]
+    if world()[1] > 1:
+        dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sum(counts: dict) -> dict:
+    """Each count summed over the processes."""
+    parts = all_gather(counts)
+    return {key: sum(part[key] for part in parts) for key in counts}
 
 
 def compute_precision(device: torch.device):
@@ -640,14 +838,12 @@ def compute_precision(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
-
 def pick_device(cfg: Config) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one device per process
 
 
 def encode_prompts(tokenizer, examples: list[Example]) -> tuple[list[str], list[list[int]]]:
@@ -655,218 +851,434 @@ def encode_prompts(tokenizer, examples: list[Example]) -> tuple[list[str], list[
     return prompts, [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
 
 
-def supervised_warmup(model, tokenizer, cfg: Config, data_rng: random.Random, draw) -> None:
-    """A short cross-entropy warm-up on reference solutions (thought + answer tokens only), so the start
-    policy knows the format and is partly right: RL then has both signal and room (SPEC §4)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr)
-    model.train()
-    for _ in tqdm(range(cfg.warmup_steps), desc="warm-up", leave=False):
-        examples = draw(data_rng, cfg.warmup_batch)
+@dataclass
+class Setup:
+    """What a run starts from: the policy and its tokenizer, where it runs, the task (a recipe's examples or
+    the embedded generator, the held-out set, the reward functions, the answer check) and the data stream."""
+
+    policy: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    data_rng: random.Random
+    pool: list[Example] | None  # None: fresh examples from the embedded generator
+    eval_examples: list[Example]
+    reward_fns: list[tuple[RewardFn, float]]
+    is_correct: Callable[[str, Example], bool]
+    forward: torch.nn.Module | None = None  # the update's TreeForward(policy), in DDP under torchrun
+
+
+def setup_run(
+    cfg: Config, train_pool=None, eval_examples=None, reward_fns=None, is_correct=answer_is_correct
+):
+    """Seed every RNG, then load the policy: the order of draws each run starts from, so that a warm start
+    made elsewhere (paper_figures/) is exactly the one train() makes. By default the embedded task."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg)
+    policy, tokenizer = load_policy(cfg, device)
+    pool = None if train_pool is None else list(train_pool)
+    eval_examples = held_out_examples(cfg) if eval_examples is None else list(eval_examples)
+    task = (pool, eval_examples, reward_fns or reward_functions(cfg), is_correct)
+    return Setup(policy, tokenizer, device, random.Random(cfg.seed), *task, TreeForward(policy))
+
+
+def supervised_warmup(run: Setup, cfg: Config) -> None:
+    """A short cross-entropy warm-up on reference solutions (thought + answer tokens only, never the prompt),
+    so the start policy knows the format and is partly right: RL then has both signal and room."""
+    optimizer = torch.optim.AdamW(run.policy.parameters(), lr=cfg.warmup_lr)
+    run.policy.train()
+    tokenizer = run.tokenizer
+    for _ in tqdm(range(cfg.warmup_steps), desc="warm-up", leave=False, disable=world()[0] > 0):
+        examples = draw_examples(run.data_rng, cfg.warmup_batch, cfg, run.pool)
         _, prompt_ids = encode_prompts(tokenizer, examples)
-        completions = [tokenizer.encode(e.thought + ANSWER_OPEN + e.answer + ANSWER_CLOSE, add_special_tokens=False)
-                       + [tokenizer.eos_token_id] for e in examples]
+        solutions = [e.thought + ANSWER_OPEN + e.answer + ANSWER_CLOSE for e in examples]
+        completions = [
+            tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id] for s in solutions
+        ]
         rows = [p + c for p, c in zip(prompt_ids, completions)]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
-        targets = torch.tensor([[-100] * len(p) + c + [-100] * (width - len(p) - len(c))
-                                for p, c in zip(prompt_ids, completions)], device=model.device)
-        logits = model(input_ids=ids, attention_mask=(targets != -100) | (ids != tokenizer.pad_token_id)).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100)
+        ids = torch.tensor(right_pad(rows, tokenizer.pad_token_id), device=run.device)
+        mask = torch.tensor(right_pad([[1] * len(row) for row in rows], 0), device=run.device)
+        targets = right_pad([[-100] * len(p) + c for p, c in zip(prompt_ids, completions)], -100)
+        targets = torch.tensor(targets, device=run.device)[:, 1:]  # position t predicts token t + 1
+        logits = run.policy(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: list[Example], cfg: Config, do_sample: bool, chunk: int = 100,
-             is_correct=answer_is_correct) -> float:
-    """Held-out accuracy with one thought and one answer per prompt, greedy or at the sampling temperature."""
-    correct = 0
-    for start in range(0, len(examples), chunk):
-        part = examples[start:start + chunk]
-        tree = sample_tree(model, tokenizer, encode_prompts(tokenizer, part)[1], 1, 1, cfg, do_sample)
-        correct += sum(is_correct(a, e) for a, e in zip(tree.answers, part))
-    return correct / len(examples)
+def evaluate(run: Setup, cfg: Config, examples: list[Example] | None = None) -> dict[str, float]:
+    """Held-out accuracy with one thought and one answer per prompt, greedy and at the sampling temperature
+    (the sampled one draws from torch's global RNG, like training)."""
+    examples = run.eval_examples if examples is None else examples
+    accuracy = {}
+    for mode in ("greedy", "sampled"):
+        correct = 0
+        for start in range(0, len(examples), 100):
+            part = examples[start : start + 100]
+            prompt_ids = encode_prompts(run.tokenizer, part)[1]
+            with compute_precision(run.device):
+                tree = sample_tree(run.policy, run.tokenizer, prompt_ids, 1, 1, cfg, mode == "sampled")
+            correct += sum(run.is_correct(tree.answers[p][0][0], example) for p, example in enumerate(part))
+        accuracy[f"eval_{mode}_accuracy"] = correct / len(examples)
+    return accuracy
 
 
-def train_step(step: int, policy, reference, optimizer, tokenizer, cfg: Config, data_rng: random.Random, draw,
-               reward_fns, gss_history: deque, is_correct=answer_is_correct) -> dict:
-    """One GRPO-MA step: sample the tree, score, compute advantages, take num_iterations optimizer steps."""
-    k, m = cfg.thoughts, cfg.answers
-    rollout_start = time.time()
-    examples = draw(data_rng, cfg.prompts_per_step)
-    prompts, prompt_ids = encode_prompts(tokenizer, examples)
-    tree = sample_tree(policy, tokenizer, prompt_ids, k, m, cfg)
-    rewards = score_answers(reward_fns, tree, examples, prompts, k, m)                          # (P, K, M)
-    thought_adv, answer_adv = ma_advantages(rewards, answer_pool=cfg.answer_pool, scale=cfg.scale_rewards,
-                                            ddof=cfg.ddof)                                      # (P, K), (P, K, M)
-    batch = build_train_batch(tree, thought_adv, answer_adv, m, tokenizer.pad_token_id, policy.device)
-    rollout_seconds, train_start = time.time() - rollout_start, time.time()
+@dataclass
+class RunState:
+    """The run's progress besides weights, optimizer and RNGs; saved with them in every checkpoint."""
 
-    beta = kl_beta(step, cfg.steps, cfg)
-    policy.train()
-    with torch.no_grad():
-        ref_logps = None if reference is None else token_logprobs(reference, batch.input_ids, batch.attention_mask,
-                                                                   cfg.temperature)
-        old_logps = None if cfg.num_iterations == 1 else token_logprobs(policy, batch.input_ids,
-                                                                        batch.attention_mask, cfg.temperature)
-    grad_norms = []
-    for _ in range(cfg.num_iterations):
-        logps = token_logprobs(policy, batch.input_ids, batch.attention_mask, cfg.temperature)
-        # mu = 1: the sampling policy IS the current policy, so rho = exp(0) = 1 exactly (SPEC §1)
-        loss, loss_metrics = grpo_ma_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps,
-                                          batch, beta, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item())
-        optimizer.step()
+    step: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+    gss_over_10: int = 0
+    start_eval: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0  # of the run's finished parts, when it was resumed
 
-    grad_norm = max(grad_norms)  # with mu > 1, the largest: spikes are what the norm is logged for
-    previous_mean = sum(gss_history) / len(gss_history) if gss_history else 0.0
-    gss = grad_norm / previous_mean if previous_mean > 0 else None  # undefined until a gradient has flowed
-    gss_history.append(grad_norm)
-    truncated = [bool(f) for f in tree.forced_close]
-    correct = [is_correct(a, examples[i // (k * m)]) for i, a in enumerate(tree.answers)]
-    return {
-        "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-        "train_accuracy": sum(correct) / len(correct), "loss": loss.item(), "kl": loss_metrics.get("kl"),
-        "beta": beta, "clip_frac": loss_metrics["clip_frac"], "grad_norm": grad_norm, "gss": gss,
+    def gradient_spike_score(self, grad_norm: float, window: int) -> float | None:
+        """GSS = |g_t| / mean |g| of the previous `window` steps, undefined until a gradient has flowed;
+        also counts the steps with GSS > 10 (GSS@10)."""
+        previous = self.grad_norms[-window:]
+        mean = sum(previous) / len(previous) if previous else 0.0
+        gss = grad_norm / mean if mean > 0 else None
+        self.grad_norms = [*previous, grad_norm]
+        self.gss_over_10 += int(gss is not None and gss > 10)
+        return gss
+
+
+def save_checkpoint(out: Path, run: Setup, optimizer, state: RunState, cfg: Config) -> None:
+    """Everything the next step depends on, RNG states included. Written to a temporary file and renamed into
+    place, so a kill mid-write leaves no half file; the checkpoint before stays as a fallback."""
+    rngs = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    rngs["cuda"] = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
+    rngs = all_gather(rngs)  # every process samples from its own stream
+    if world()[0] > 0:
+        return
+    payload = {"config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state), "rng": rngs}
+    payload |= {"model": run.policy.state_dict(), "optimizer": optimizer.state_dict()}
+    payload["data_rng"] = run.data_rng.getstate()
+    torch.save(payload, out / "checkpoint.tmp")
+    if (out / CHECKPOINTS[0]).exists():
+        os.replace(out / CHECKPOINTS[0], out / CHECKPOINTS[1])
+    os.replace(out / "checkpoint.tmp", out / CHECKPOINTS[0])
+
+
+def restore(payload: dict, run: Setup, optimizer) -> RunState:
+    """Put a checkpoint back: weights, optimizer, data stream and every RNG."""
+    run.policy.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    run.data_rng.setstate(payload["data_rng"])
+    rngs = payload["rng"][world()[0]]
+    random.setstate(rngs["python"])
+    np.random.set_state(rngs["numpy"])
+    torch.set_rng_state(rngs["torch"])
+    if rngs["cuda"] is not None:
+        torch.cuda.set_rng_state(rngs["cuda"], run.device)
+    return RunState(**payload["state"])
+
+
+def rollout_metrics(tree: Tree, scores: dict, examples: list[Example], cfg: Config, is_correct) -> dict:
+    """What the step's rollouts were like: reward, accuracy, zero-std groups, lengths, truncation."""
+    rewards = scores["total"]  # (P, K, M)
+    thought_len = [len(tree.thought_ids[p][k]) for p, k in tree.thought_slots()]
+    answer_len = [len(tree.answer_ids[p][k][m]) for p, k, m in tree.answer_slots()]
+    correct = [is_correct(tree.answers[p][k][m], examples[p]) for p, k, m in tree.answer_slots()]
+    metrics = {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
+        "train_accuracy": float(np.mean(correct)),
         "zero_std_thought_frac": zero_std_share(rewards.mean(-1)),
         "zero_std_answer_frac": zero_std_share(rewards.flatten(-2) if cfg.answer_pool == "all" else rewards),
-        "thought_len": float(np.mean([len(t) for t in tree.thought_ids])),
-        "answer_len": float(np.mean([len(a) for a in tree.answer_ids])),
-        "truncated_frac": sum(truncated) / len(truncated),
-        "tokens_generated": sum(map(len, tree.thought_ids)) + sum(map(len, tree.answer_ids)),
-        "rollout_seconds": rollout_seconds, "train_seconds": time.time() - train_start,
+        "thought_len": float(np.mean(thought_len)),
+        "answer_len": float(np.mean(answer_len)),
+        "truncated_frac": float(np.mean([bool(tree.forced_close[p][k]) for p, k in tree.thought_slots()])),
+        "tokens_generated": sum(thought_len) + sum(answer_len),
     }
+    return metrics | {name: values.mean().item() for name, values in scores.items() if name != "total"}
 
 
-def rng_states(restore: dict | None = None) -> dict:
-    """Every global RNG the run draws from (sampling uses torch's); with `restore`, set them back first."""
-    if restore:
-        random.setstate(restore["python"]), np.random.set_state(restore["numpy"]), torch.set_rng_state(restore["torch"])
-        if restore["cuda"] is not None:
-            torch.cuda.set_rng_state_all(restore["cuda"])
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def reference_logprobs(reference, batch: TreeBatch, cfg: Config) -> torch.Tensor:
+    """log pi_ref of the counted tokens: the frozen start policy, or with LoRA the policy itself with its
+    adapter switched off."""
+    with reference.disable_adapter() if cfg.lora_rank else nullcontext():
+        return tree_logprobs(reference, batch, cfg.temperature)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write then rename, so a kill mid-write never leaves a half checkpoint behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg: Config) -> dict:
+    """One GRPO-MA step: sample the tree, score it, compute advantages, then num_iterations optimizer steps,
+    each accumulated over micro-batches of whole thoughts. Under torchrun every process grows whole trees for
+    its share of the step's prompts and DDP averages the gradients. Returns the step's metrics."""
+    rank, processes = world()
+    rollout_start = time.time()
+    examples = draw_examples(run.data_rng, cfg.prompts_per_step, cfg, run.pool)  # the same on every process
+    share = cfg.prompts_per_step // processes
+    examples = examples[rank * share : (rank + 1) * share]
+    prompts, prompt_ids = encode_prompts(run.tokenizer, examples)
+    tree = sample_tree(run.policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg)
+    scores = score_answers(run.reward_fns, tree, examples, prompts)  # "total": (P, K, M)
+    pool = dict(answer_pool=cfg.answer_pool, scale=cfg.scale_rewards, ddof=cfg.ddof)
+    thought_adv, answer_adv = ma_advantages(scores["total"], **pool)  # (P, K), (P, K, M)
+    counted = None
+    if cfg.mask_truncated:  # leave out answers that reached their budget with neither </answer> nor eos
+        eos = [run.tokenizer.eos_token_id]
+        slots = tree.answer_slots()
+        ended = [
+            ANSWER_CLOSE in tree.answers[p][k][m] or tree.answer_ids[p][k][m][-1:] == eos for p, k, m in slots
+        ]
+        counted = group_rows(group_rows(ended, cfg.answers), cfg.thoughts)
+    weights = loss_weights(tree, cfg.loss_agg, counted, cfg.max_thought_tokens + cfg.max_answer_tokens)
+    parts = group_rows(tree.thought_slots(), cfg.micro_batch or len(tree.thought_slots()))
+    pad_id = run.tokenizer.pad_token_id
+    batches = [
+        build_tree_batch(tree, part, thought_adv, answer_adv, weights, pad_id, run.device) for part in parts
+    ]
+    rollout_seconds = time.time() - rollout_start
+
+    train_start = time.time()
+    beta = kl_beta(step, cfg.steps, cfg)
+    run.policy.train()
+    with torch.no_grad():
+        ref_logps = [None if reference is None else reference_logprobs(reference, b, cfg) for b in batches]
+        old_logps = [tree_logprobs(run.policy, b, cfg.temperature) for b in batches if cfg.num_iterations > 1]
+    grad_norms = []
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        sums = {}
+        for i, batch in enumerate(batches):  # gradients accumulate; the weights already normalise the step
+            last = i == len(batches) - 1
+            with nullcontext() if processes == 1 or last else run.forward.no_sync():  # DDP: sync once
+                logps = run.forward(batch, cfg.temperature)
+                # mu = 1: the sampling policy IS the current policy, so rho = exp(0) = 1 exactly
+                old = old_logps[i] if old_logps else logps.detach()
+                ref = ref_logps[i]
+                loss, batch_sums = grpo_ma_loss(logps, old, ref, batch.advantages, batch.weights, beta, cfg)
+                (loss * processes).backward()  # DDP averages over processes; the weights count them all
+            batch_sums["loss"] = loss.item()
+            sums = {key: sums.get(key, 0.0) + value for key, value in batch_sums.items()}
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip).item())
+        optimizer.step()
+
+    sums = all_reduce_sum(sums)
+    grad_norm = max(grad_norms)  # with mu > 1 the largest: spikes are what the norm is logged for
+    record = {"step": step, "loss": sums["loss"], "beta": beta, "grad_norm": grad_norm}
+    record["kl"] = None if reference is None else sums["kl"] / sums["tokens"]
+    record["clip_frac"] = sums["clip_frac"] / sums["tokens"]
+    record["clip_ratio"] = sums["clip_ratio"] / sums["tokens"]
+    record["gss"] = state.gradient_spike_score(grad_norm, cfg.gss_window)
+    record["gss_over_10"] = state.gss_over_10
+    parts = all_gather((tree, scores, examples))  # the metrics describe the whole step
+    if len(parts) > 1:
+        tree = Tree(
+            *[sum((getattr(part[0], f.name) for part in parts), []) for f in dataclasses.fields(Tree)]
+        )
+        scores = {name: torch.cat([part[1][name] for part in parts]) for name in scores}
+        examples = sum((part[2] for part in parts), [])
+    record |= rollout_metrics(tree, scores, examples, cfg, run.is_correct)
+    return record | {"rollout_seconds": rollout_seconds, "train_seconds": time.time() - train_start}
+
+
+def open_run_folder(cfg: Config, out: Path) -> dict | None:
+    """A run never writes into a folder that holds another run unless told: --overwrite clears the run's
+    files; --resume continues the run there and returns its newest readable checkpoint (a corrupt one falls
+    back to the one before). The settings are compared with those the checkpoint itself recorded, so a
+    second run that died before its first checkpoint can never adopt this one."""
+    holds_run = any((out / name).exists() for name in RUN_FILES + CHECKPOINTS)
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        raise ValueError(
+            f"--out {out} holds another run: add --resume to continue it, --overwrite to replace it"
+        )
+    if world()[1] > 1:
+        dist.barrier()  # every process has looked before rank 0 changes anything
+    if world()[0] == 0:
+        (out / "checkpoint.tmp").unlink(missing_ok=True)  # half-written by a kill
+        if cfg.overwrite:
+            shutil.rmtree(out / "final", ignore_errors=True)
+            for name in RUN_FILES[:-1] + CHECKPOINTS:
+                (out / name).unlink(missing_ok=True)
+        if not cfg.resume:
+            out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        return None
+    for name in CHECKPOINTS:
+        try:
+            payload = torch.load(out / name, map_location="cpu", weights_only=False)
+            break
+        except FileNotFoundError:
+            continue
+        except Exception as error:  # a cut-off or corrupt file: torch raises several kinds
+            print(f"warning: cannot read {out / name} ({str(error).splitlines()[0]})", file=sys.stderr)
+    else:
+        raise ValueError(f"--resume: {out} holds no readable checkpoint")
+    saved = payload["config"]
+    compared = [key for key in dataclasses.asdict(cfg) if key not in RESUMABLE_CHANGES]
+    changed = {
+        key: (saved.get(key), getattr(cfg, key)) for key in compared if saved.get(key) != getattr(cfg, key)
+    }
+    if changed:
+        raise ValueError(f"--resume with settings that differ from the checkpoint in {out}: {changed}")
+    if cfg.steps < payload["state"]["step"]:
+        raise ValueError(f"--steps {cfg.steps} is below step {payload['state']['step']} of the checkpoint")
+    if cfg.steps != saved["steps"] and cfg.kl_schedule == "dynamic":
+        raise ValueError("--steps cannot change with --kl-schedule dynamic: beta(s) depends on the total")
+    if len(payload["rng"]) != world()[1]:
+        raise ValueError(f"{out} ran with {len(payload['rng'])} processes, this run has {world()[1]}")
+    return payload
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps 0..step, checked, and drop the later ones unread: they will be recomputed."""
+    kept = []
+    with path.open() as lines:
+        for number, line in zip(range(1, step + 2), lines):
+            try:
+                found = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                raise ValueError(f"{path}:{number}: malformed metrics line") from None
+            if found != number - 1:
+                raise ValueError(f"{path}:{number}: expected step {number - 1}, found {found}")
+            kept.append(line.rstrip("\n") + "\n")
+    if len(kept) != step + 1:
+        raise ValueError(f"{path} has {len(kept)} lines; the checkpoint needs those of steps 0..{step}")
+    path.write_text("".join(kept))
 
 
 def write_metrics(path: Path, record: dict) -> None:
+    """One JSON line per step, with the same keys every time (null where nothing was measured)."""
+    keys = list(METRIC_KEYS) + sorted(key for key in record if key.startswith("reward/"))
     with path.open("a") as f:
-        f.write(json.dumps({key: record.get(key) for key in METRIC_KEYS}) + "\n")
+        f.write(json.dumps({key: record.get(key) for key in keys}) + "\n")
 
 
-def check_resumable(cfg: Config, out: Path) -> None:
-    """Resuming under different settings would silently mix two runs: refuse."""
-    saved = json.loads((out / "config.json").read_text())
-    ignore = {"resume", "device", "out"}
-    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items() if k not in ignore and saved.get(k) != v}
-    if changed:
-        raise ValueError(f"--resume with settings that differ from {out / 'config.json'}: {changed}")
+def save_final(run: Setup, cfg: Config, out: Path) -> None:
+    """The trained policy as transformers saves it, in OUT/final, which from_pretrained and --model load.
+    With LoRA it holds the adapter; --save-merged adds the merged model in OUT/final-merged."""
+    run.policy.save_pretrained(out / "final")
+    run.tokenizer.save_pretrained(out / "final")
+    if cfg.lora_rank and cfg.save_merged:
+        merged = copy.deepcopy(run.policy).merge_and_unload()
+        merged.save_pretrained(out / "final-merged")
+        run.tokenizer.save_pretrained(out / "final-merged")
 
 
-def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_examples: Sequence[Example] | None = None,
-          reward_fns: list[tuple[RewardFn, float]] | None = None, is_correct=answer_is_correct) -> dict:
-    """The whole run. Returns the summary that is also written to OUT/summary.json. By default the data is
-    the embedded generator's; a recipe (demos/) passes its own example pool, held-out set, rewards and
-    answer check."""
+def frozen_reference(policy, out: Path, device: torch.device):
+    """The KL reference: a frozen copy of the start policy read back from OUT/reference.pt, so a resumed run
+    still compares with the start, not with its last checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_config(policy.config).to(device=device, dtype=policy.dtype)
+    reference.load_state_dict(torch.load(out / "reference.pt", map_location=device))
+    return reference.eval().requires_grad_(False)
+
+
+def start_processes(cfg: Config) -> None:
+    """Under torchrun, join the process group (nccl on CUDA, gloo on the CPU). On the CPU, use every core
+    this process may run on (torch's default can leave some idle), shared among the processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = pick_device(cfg).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(pick_device(cfg))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if pick_device(cfg).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world()[1]))
+        if world()[0] == 0:
+            print(f"cpu: {torch.get_num_threads()} torch threads per process (OMP_NUM_THREADS sets another)")
+
+
+def train(
+    cfg: Config,
+    train_pool: Sequence[Example] | None = None,
+    eval_examples: Sequence[Example] | None = None,
+    reward_fns: list[tuple[RewardFn, float]] | None = None,
+    is_correct: Callable[[str, Example], bool] = answer_is_correct,
+) -> dict:
+    """The whole run; returns the summary also written to OUT/summary.json. By default the data is the
+    embedded generator's; a recipe (demos/) passes its own example pool, held-out set, rewards and check.
+    Under torchrun, rank 0 evaluates and writes every file."""
+    run_start = time.time()
     validate_config(cfg)
-    out, device, run_start = Path(cfg.out), pick_device(cfg), time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    seed_everything(cfg.seed)
-    data_rng = random.Random(cfg.seed)
-    policy, tokenizer = load_policy(cfg, device)
-    pool = None if train_pool is None else list(train_pool)
-    draw = (lambda rng, n: sample_examples(rng, cfg.task, n, held_out=False)) if pool is None else \
-        (lambda rng, n: rng.sample(pool, n))
-    eval_examples = held_out_examples(cfg) if eval_examples is None else eval_examples
-    reward_fns = reward_fns or reward_functions(cfg)
-    uses_kl = (cfg.beta if cfg.kl_schedule == "constant" else cfg.beta_max) > 0  # the largest beta(s) reaches
-
-    def run_eval() -> dict:
-        with compute_precision(device):
-            return {f"eval_{mode}_accuracy": evaluate(policy, tokenizer, eval_examples, cfg, mode == "sampled",
-                                                      is_correct=is_correct) for mode in ("greedy", "sampled")}
-
-    resuming = cfg.resume and checkpoint_path.exists()
-    if resuming:
-        check_resumable(cfg, out)
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        policy.load_state_dict(state["model"])
-        start_step, start_eval, last_eval = state["step"], state["start_eval"], state["last_eval"]
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        # steps after the checkpoint will be recomputed identically: drop their lines so none is doubled
-        metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= start_step))
-        print(f"resuming {out} from step {start_step}")
+    start_processes(cfg)
+    rank, processes = world()
+    out = Path(cfg.out)
+    payload = open_run_folder(cfg, out)
+    run = setup_run(cfg, train_pool, eval_examples, reward_fns, is_correct)
+    metrics_path = out / "metrics.jsonl"
+    if payload is None:
+        if rank == 0:
+            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            metrics_path.write_text("")
+        with compute_precision(run.device):
+            supervised_warmup(run, cfg)
+        if rank == 0 and not cfg.lora_rank:
+            torch.save(run.policy.state_dict(), out / "reference.pt")  # the frozen start policy of the KL
+    if cfg.lora_rank:  # after the warm-up, so that the adapter switched off is the start policy
+        run.policy = add_lora(run.policy, cfg)
+        run.forward = TreeForward(run.policy)
+    trainable = [p for p in run.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    if payload is not None:
+        state = restore(payload, run, optimizer)
+        if rank == 0:
+            truncate_metrics(metrics_path, state.step)
+            print(f"resuming {out} from step {state.step}")
     else:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        metrics_path.write_text("")
-        with compute_precision(device):
-            supervised_warmup(policy, tokenizer, cfg, data_rng, draw)
-        atomic_save(policy.state_dict(), out / "reference.pt")  # the frozen start policy of the KL term
-        start_step, start_eval = 0, run_eval()
-        last_eval = start_eval
-        write_metrics(metrics_path, {"step": 0, **start_eval})
-        print(f"start policy: held-out accuracy greedy {start_eval['eval_greedy_accuracy']:.3f}, "
-              f"sampled {start_eval['eval_sampled_accuracy']:.3f}")
+        state = RunState(start_eval=all_gather(evaluate(run, cfg) if rank == 0 else None)[0])
+        state.last_eval = state.start_eval
+        if rank == 0:
+            write_metrics(metrics_path, {"step": 0, **state.start_eval})
+            accuracy = [
+                f"{mode} {state.start_eval[f'eval_{mode}_accuracy']:.3f}" for mode in ("greedy", "sampled")
+            ]
+            print("start policy: held-out accuracy " + ", ".join(accuracy))
+        if processes > 1:
+            torch.manual_seed(cfg.seed * 1000 + rank)  # each process samples rollouts of its own
+        save_checkpoint(out, run, optimizer, state, cfg)
+    if processes > 1:
+        dist.barrier()  # rank 0 has written reference.pt
+        devices = [run.device] if run.device.type == "cuda" else None
+        run.forward = torch.nn.parallel.DistributedDataParallel(run.forward, device_ids=devices)
 
+    uses_kl = (cfg.beta if cfg.kl_schedule == "constant" else cfg.beta_max) > 0  # the largest beta(s) reaches
     reference = None
     if uses_kl:
-        from transformers import AutoModelForCausalLM
-        reference = AutoModelForCausalLM.from_config(policy.config).to(device=device, dtype=policy.dtype)
-        reference.load_state_dict(torch.load(out / "reference.pt", map_location=device))
-        reference.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    gss_history, gss_over_10 = deque(maxlen=cfg.gss_window), 0
-
-    def save_checkpoint(step: int) -> None:  # everything the next step depends on, RNG states included
-        atomic_save(dict(step=step, model=policy.state_dict(), optimizer=optimizer.state_dict(),
-                         gss_history=list(gss_history), gss_over_10=gss_over_10, data_rng=data_rng.getstate(),
-                         rng=rng_states(), start_eval=start_eval, last_eval=last_eval), checkpoint_path)
-
-    if resuming:
-        optimizer.load_state_dict(state["optimizer"])
-        gss_history.extend(state["gss_history"])
-        gss_over_10 = state["gss_over_10"]
-        data_rng.setstate(state["data_rng"])
-        rng_states(restore=state["rng"])
-    else:
-        save_checkpoint(0)
-
-    progress = tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, desc="GRPO-MA")
-    for step in progress:
-        with compute_precision(device):
-            record = train_step(step, policy, reference, optimizer, tokenizer, cfg, data_rng, draw, reward_fns,
-                                gss_history, is_correct)
-        gss_over_10 += int(record["gss"] is not None and record["gss"] > 10)
-        record["gss_over_10"] = gss_over_10
+        reference = run.policy if cfg.lora_rank else frozen_reference(run.policy, out, run.device)
+    progress = tqdm(total=cfg.steps, initial=state.step, desc="GRPO-MA", unit="step", disable=rank > 0)
+    for step in range(state.step + 1, cfg.steps + 1):
+        with compute_precision(run.device):
+            record = train_step(step, run, optimizer, state, reference, cfg)
+        state.step = step
+        progress.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            last_eval = run_eval()
-            record.update(last_eval)
-        write_metrics(metrics_path, record)
-        progress.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['train_accuracy']:.2f}",
-                             held_out=f"{last_eval['eval_greedy_accuracy']:.2f}")
+            state.last_eval = all_gather(evaluate(run, cfg) if rank == 0 else None)[0]
+            record |= state.last_eval
+            progress.unpause()  # the bar's rate and ETA count training steps, not evaluations
+        if rank == 0:
+            write_metrics(metrics_path, record)
+        held_out = state.last_eval["eval_greedy_accuracy"]
+        progress.set_postfix(reward=f"{record['reward_mean']:.2f}", held_out=f"{held_out:.2f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(step)
+            state.wall_seconds += time.time() - run_start
+            run_start = time.time()
+            save_checkpoint(out, run, optimizer, state, cfg)
+    progress.close()
 
-    summary = {"config": f"T{cfg.thoughts}A{cfg.answers}", "seed": cfg.seed, "steps": cfg.steps,
-               "start_greedy_accuracy": start_eval["eval_greedy_accuracy"],
-               "start_sampled_accuracy": start_eval["eval_sampled_accuracy"],
-               "final_greedy_accuracy": last_eval["eval_greedy_accuracy"],
-               "final_sampled_accuracy": last_eval["eval_sampled_accuracy"],
-               "gss_over_10": gss_over_10, "wall_seconds_this_run": time.time() - run_start,
-               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"held-out accuracy: greedy {summary['start_greedy_accuracy']:.3f} -> {summary['final_greedy_accuracy']:.3f}, "
-          f"sampled {summary['start_sampled_accuracy']:.3f} -> {summary['final_sampled_accuracy']:.3f}")
+    start, last = state.start_eval, state.last_eval
+    summary = {"config": f"T{cfg.thoughts}A{cfg.answers}", "seed": cfg.seed, "steps": cfg.steps}
+    summary |= {f"start_{mode}_accuracy": start[f"eval_{mode}_accuracy"] for mode in ("greedy", "sampled")}
+    summary |= {f"final_{mode}_accuracy": last[f"eval_{mode}_accuracy"] for mode in ("greedy", "sampled")}
+    summary["gss_over_10"] = state.gss_over_10
+    summary["wall_seconds"] = state.wall_seconds + time.time() - run_start  # every part of a resumed run
+    summary["processes"] = processes
+    summary["device"] = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
+    if rank == 0:
+        save_final(run, cfg, out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        greedy = f"greedy {summary['start_greedy_accuracy']:.3f} -> {summary['final_greedy_accuracy']:.3f}"
+        sampled = (
+            f"sampled {summary['start_sampled_accuracy']:.3f} -> {summary['final_sampled_accuracy']:.3f}"
+        )
+        print(f"held-out accuracy: {greedy}, {sampled}")
     return summary
 
 
@@ -875,24 +1287,41 @@ def train(cfg: Config, train_pool: Sequence[Example] | None = None, eval_example
 # ================================================================================================
 def build_parser(defaults: Config | None = None, parser: argparse.ArgumentParser | None = None):
     """One flag per Config field; a recipe passes its own defaults (and parser) to reuse every flag."""
-    defaults, parser = defaults or Config(), parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = defaults or Config()
+    parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
-        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"] + " (default: %(default)s)"
+        text = f.metadata["help"] + " (default: %(default)s)"
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            switch = argparse.BooleanOptionalAction
+            parser.add_argument(flag(f.name), action=switch, default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, choices=f.metadata.get("choices"),
-                                help=text)
+            parser.add_argument(flag(f.name), type=type(default), default=default, help=text)
     return parser
 
 
+def run_cli(entry: Callable, *args, debug: bool = False):
+    """entry(*args) as a command: an error is one line on stderr and exit status 1, with the traceback only
+    under --debug. (The Python API raises the same exceptions.)"""
+    try:
+        return entry(*args)
+    except (ValueError, OSError, RuntimeError) as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    return Config(**vars(build_parser().parse_args(argv)))
+    args = vars(build_parser().parse_args(argv))
+    args.pop("debug")
+    return Config(**args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return train(parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_cli(train, parse_args(argv), debug="--debug" in argv)
 
 
 if __name__ == "__main__":

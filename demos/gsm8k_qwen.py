@@ -13,7 +13,7 @@ Data. One JSON object a line with `question` and `answer`, the answer in GSM8K f
 the reference thought (which is used only by a supervised warm-up, off by default). Without --eval-data the
 held-out set is the last --holdout-fraction of the training file.
 
-Where this recipe chooses (grpo_ma's own departures from the paper are listed in its docstring):
+Where this recipe chooses (grpo_ma's own departures from the paper are listed in docs/algorithm.md):
 - Reward: `accuracy` is the last number inside <answer>...</answer>, normalized ("$1,234.50" -> "1234.5",
   "72.0" -> "72"), equal to the reference; `format` is grpo_ma's (exactly <answer>INTEGER</answer>).
   The logged train/held-out accuracies are grpo_ma's own check (the integer right after <answer>): the two
@@ -23,30 +23,24 @@ Where this recipe chooses (grpo_ma's own departures from the paper are listed in
   spacing of a weight of 0.02, about 1e-4; a test in tests/test_demo_gsm8k.py shows it).
 - `--reward steprvr` is refused: it checks the embedded task's "n:a op b=c;" steps, not free-text reasoning.
 
-Memory (one GPU; what dominates, largest first, for the defaults: T4A4, 2 prompts -> 32 sequences a step):
-1. The loss forward. grpo_ma scores all P*K*M sequences (prompt + thought + answer) in ONE batch and holds
-   about 4 float32 copies of their logits at the backward peak (logits, the temperature-scaled copy kept for
-   backward, the gradients of softmax and gather; 4.0 measured on CPU by the slow test in
-   tests/test_demo_gsm8k.py): 4 * rows * tokens * vocab * 4 bytes. Qwen2.5's vocabulary is
-   151,936, so 32 rows of ~566 tokens (prompt ~150 + 384 + 32) take ~44 GB; 8 prompts a step would take
-   ~176 GB. This, not the model, sets --prompts-per-step on an 80 GB GPU.
-2. Weights, gradients, AdamW moments and the frozen reference: 5 float32 copies of the parameters, 20
-   bytes/param. 0.5B (0.49B params): ~10 GB; 1.5B: ~31 GB.
-3. Layer activations: small with gradient checkpointing (on by default): one hidden state per layer and row.
-So Qwen2.5-0.5B with the defaults needs ~54 GB (an 80 GB A100/H100); 1.5B with --prompts-per-step 1 ~53 GB.
-When out of memory, lower in this order: --prompts-per-step (rows), --answers (each answer is a full row),
---max-thought-tokens (row length). The run prints its own estimate before loading. Checkpoints hold weights and AdamW state: ~6 GB for 0.5B in float32 (--save-every).
+Memory. grpo_ma's update follows the tree: each prompt + thought is forwarded once for its M answers, in
+micro-batches of --micro-batch thoughts (1 here), and log-probs are taken in float32 chunks, so the logits
+held at any time are one thought's, whatever --prompts-per-step is. What stays is the model state: float32
+weights, gradients and two AdamW moments plus the frozen float32 reference, 20 bytes a parameter (0.5B:
+~10 GB; 1.5B: ~31 GB). paper_figures/results/bench.md holds the measured peaks (`python -m
+paper_figures.bench`). The tree update cannot use transformers' per-layer gradient checkpointing, which drops
+the KV cache the answers are forwarded against; micro-batches bound the activations instead. Checkpoints hold
+weights and AdamW state: ~6 GB for 0.5B in float32 (--save-every).
 """
-from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import re
 import sys
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Sequence
 
 if __package__ in (None, ""):  # run as `python demos/gsm8k_qwen.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -60,8 +54,8 @@ from grpo_ma import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, Example
 # 1. Data: GSM8K records -> grpo_ma.Example
 # ================================================================================================
 FINAL_ANSWER_MARK = "####"
-CALCULATOR_NOTE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")            # GSM8K's "<<48/2=24>>"
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")                     # "1,234", "$5", "-3", "2.50"
+CALCULATOR_NOTE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")  # GSM8K's "<<48/2=24>>"
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")  # "1,234", "$5", "-3", "2.50"
 ANSWER_BLOCK = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)(?:" + re.escape(ANSWER_CLOSE) + r"|$)", re.DOTALL)
 
 
@@ -118,7 +112,9 @@ def read_jsonl(path: str) -> list[dict]:
                 continue
             record = json.loads(line)
             if not {"question", "answer"} <= set(record):
-                raise ValueError(f"{path}:{line_number}: a record needs 'question' and 'answer', got {sorted(record)}")
+                raise ValueError(
+                    f"{path}:{line_number}: a record needs 'question' and 'answer', got {sorted(record)}"
+                )
             records.append(record)
     return records
 
@@ -128,13 +124,17 @@ def hub_records(name: str, config: str, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise SystemExit("no --data given and the `datasets` library is not installed: pass --data train.jsonl "
-                         "(lines with 'question' and 'answer' ending in '#### <number>'), or pip install datasets")
+        raise SystemExit(
+            "no --data given and the `datasets` library is not installed: pass --data train.jsonl "
+            "(lines with 'question' and 'answer' ending in '#### <number>'), or pip install datasets"
+        ) from None
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as error:  # offline, unknown name, ...: say what to do instead
-        raise SystemExit(f"could not load {name} ({config}, {split}) from the hub: {error}\n"
-                         "pass local files with --data (and --eval-data) instead")
+        raise SystemExit(
+            f"could not load {name} ({config}, {split}) from the hub: {error}\n"
+            "pass local files with --data (and --eval-data) instead"
+        ) from error
     return [{"question": row["question"], "answer": row["answer"]} for row in rows]
 
 
@@ -148,20 +148,27 @@ def load_splits(args: argparse.Namespace, cfg: grpo_ma.Config) -> tuple[list[Exa
         else:
             held_out = max(1, round(len(train_records) * args.holdout_fraction))
             if held_out >= len(train_records):
-                raise ValueError(f"{args.data}: {len(train_records)} records leave none to train on after "
-                                 f"holding out {held_out}; add records or pass --eval-data")
+                raise ValueError(
+                    f"{args.data}: {len(train_records)} records leave none to train on after "
+                    f"holding out {held_out}; add records or pass --eval-data"
+                )
             train_records, eval_records = train_records[:-held_out], train_records[-held_out:]
     else:
         train_records = hub_records(args.hub_dataset, args.hub_config, "train")[: args.limit]
-        eval_records = read_jsonl(args.eval_data) if args.eval_data else \
-            hub_records(args.hub_dataset, args.hub_config, "test")
+        eval_records = (
+            read_jsonl(args.eval_data)
+            if args.eval_data
+            else hub_records(args.hub_dataset, args.hub_config, "test")
+        )
     train_pool = [to_example(r, args.key_steps) for r in train_records]
     eval_examples = [to_example(r, args.key_steps) for r in eval_records[: cfg.eval_size]]
     # grpo_ma draws each step's prompts without replacement from the pool
     needed = max(cfg.prompts_per_step, cfg.warmup_batch if cfg.warmup_steps else 0)
     if len(train_pool) < needed or not eval_examples:
-        raise ValueError(f"{len(train_pool)} training and {len(eval_examples)} held-out examples: need at least "
-                         f"{needed} (--prompts-per-step, --warmup-batch) and 1")
+        raise ValueError(
+            f"{len(train_pool)} training and {len(eval_examples)} held-out examples: need at least "
+            f"{needed} (--prompts-per-step, --warmup-batch) and 1"
+        )
     return train_pool, eval_examples
 
 
@@ -188,8 +195,12 @@ def numeric_answer(prompt, thought, answer, example) -> float:
 
 def make_steprar(alpha: float):
     """StepRAR on GSM8K: correct + alpha * (share of the calculator-note key steps found in the thought)."""
+
     def steprar(prompt, thought, answer, example) -> float:
-        return float(answer_matches(answer, example)) + alpha * grpo_ma.key_step_fraction(thought, example.key_steps)
+        return float(answer_matches(answer, example)) + alpha * grpo_ma.key_step_fraction(
+            thought, example.key_steps
+        )
+
     return grpo_ma.per_answer(steprar)
 
 
@@ -198,84 +209,86 @@ def gsm8k_reward_functions(cfg: grpo_ma.Config) -> list[tuple[grpo_ma.RewardFn, 
     task's integer check."""
     names = [n.strip() for n in cfg.reward.split(",") if n.strip()]
     if "steprvr" in names:
-        raise ValueError("steprvr checks the embedded task's 'n:a op b=c;' steps; GSM8K thoughts are free text. "
-                         "Use accuracy, format or steprar")
+        raise ValueError(
+            "steprvr checks the embedded task's 'n:a op b=c;' steps; GSM8K thoughts are free text. "
+            "Use accuracy, format or steprar"
+        )
     weighted = grpo_ma.reward_functions(cfg)  # validates names and the weight count
-    registry = {"accuracy": numeric_answer, "format": grpo_ma.format_reward, "steprar": make_steprar(cfg.step_alpha)}
+    registry = {
+        "accuracy": numeric_answer,
+        "format": grpo_ma.format_reward,
+        "steprar": make_steprar(cfg.step_alpha),
+    }
     return [(registry[name], weight) for name, (_, weight) in zip(names, weighted)]
 
 
 # ================================================================================================
-# 3. Model memory: an estimate printed before loading
-# ================================================================================================
-def memory_estimate_gb(cfg: grpo_ma.Config, n_params: int, vocab_size: int, weight_bytes: int = 4,
-                       prompt_tokens: int = 150) -> dict:
-    """The two items that dominate (module docstring): 5 copies of the parameters (policy, gradients, two
-    AdamW moments, reference) and ~4 float32 copies of the loss batch's logits. Layer activations and the
-    evaluation spike are left out."""
-    rows = cfg.prompts_per_step * cfg.thoughts * cfg.answers
-    tokens = prompt_tokens + cfg.max_thought_tokens + cfg.max_answer_tokens
-    states = 5 * weight_bytes * n_params / 1e9
-    logits = 4 * rows * tokens * vocab_size * 4 / 1e9
-    return {"states": states, "logits": logits, "total": states + logits, "rows": rows, "tokens": tokens}
-
-
-def print_memory_estimate(cfg: grpo_ma.Config) -> None:
-    """Count the parameters on the meta device (nothing allocated, only the config is read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(cfg.model)
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    gb = memory_estimate_gb(cfg, n_params, config.vocab_size)
-    print(f"memory estimate for {cfg.model} ({n_params / 1e9:.2f}B params): weights + AdamW + reference "
-          f"{gb['states']:.1f} GB, loss logits {gb['logits']:.1f} GB ({gb['rows']} rows x ~{gb['tokens']} tokens x "
-          f"{config.vocab_size} vocab): ~{gb['total']:.0f} GB. Over the GPU's memory? Lower --prompts-per-step, "
-          "--answers or --max-thought-tokens.")
-
-
-# ================================================================================================
-# 4. CLI: this demo's flags, then one flag per grpo_ma.Config field with defaults for one GPU
+# 3. CLI: this demo's flags, then one flag per grpo_ma.Config field with defaults for one GPU
 # ================================================================================================
 GPU_DEFAULTS = dict(
     model="Qwen/Qwen2.5-0.5B-Instruct",
-    prompts_per_step=2,          # 2 * T4A4 = 32 loss rows: ~44 GB of logits (docstring, memory item 1)
+    prompts_per_step=8,
+    micro_batch=1,  # one thought and its answers per forward: the logits of one thought at a time
     steps=200,
-    warmup_steps=0,              # an instruct model already writes reasoning; RL only
-    warmup_lr=1e-5,              # if a warm-up is asked for: 1e-3 (the embedded model's) would wreck a real model
+    warmup_steps=0,  # an instruct model already writes reasoning; RL only
+    warmup_lr=1e-5,  # if a warm-up is asked for: 1e-3 (the embedded model's) would wreck a real model
     warmup_batch=8,
-    lr=1e-6,                     # TRL's GRPO default for models of this size
+    lr=1e-6,  # TRL's GRPO default for models of this size
     beta=0.04,
-    max_thought_tokens=384,      # several times a GSM8K reference solution; longer thoughts are closed by force
+    max_thought_tokens=384,  # several times a GSM8K reference solution; longer thoughts are closed by force
     max_answer_tokens=32,
-    gradient_checkpointing=True,
     out="runs/gsm8k_qwen",
-    save_every=50,               # a float32 checkpoint of 0.5B with AdamW state is ~6 GB
+    save_every=50,  # a float32 checkpoint of 0.5B with AdamW state is ~6 GB
     eval_every=50,
     eval_size=200,
 )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m demos.gsm8k_qwen", description=__doc__.splitlines()[0])
-    demo = parser.add_argument_group("data and memory (this demo)")
-    demo.add_argument("--data", default=None,
-                      help="training JSONL, one {question, answer} a line, the answer ending in '#### <number>' "
-                           "(default: GSM8K's train split from the hub, needs the datasets library)")
-    demo.add_argument("--eval-data", default=None,
-                      help="held-out JSONL in the same format (default: the hub's test split, or with --data the "
-                           "last --holdout-fraction of the training file)")
-    demo.add_argument("--limit", type=int, default=None,
-                      help="use only the first N training records, before the held-out slice is cut (default: all)")
-    demo.add_argument("--holdout-fraction", type=float, default=0.1,
-                      help="with --data and no --eval-data: the share of the file, from its end, held out "
-                           "(default: %(default)s)")
-    demo.add_argument("--key-steps", action=argparse.BooleanOptionalAction, default=True,
-                      help="take the rationale's calculator notes <<a*b=c>> as StepRAR key steps; --no-key-steps "
-                           "leaves them empty (default: %(default)s)")
-    demo.add_argument("--hub-dataset", default="openai/gsm8k",
-                      help="hub dataset read when no --data is given (default: %(default)s)")
+    demo = parser.add_argument_group("data (this demo)")
+    demo.add_argument(
+        "--data",
+        default=None,
+        help="training JSONL, one {question, answer} a line, the answer ending in '#### <number>' "
+        "(default: GSM8K's train split from the hub, needs the datasets library)",
+    )
+    demo.add_argument(
+        "--eval-data",
+        default=None,
+        help="held-out JSONL in the same format (default: the hub's test split, or with --data the "
+        "last --holdout-fraction of the training file)",
+    )
+    demo.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N training records, before the held-out slice is cut (default: all)",
+    )
+    demo.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.1,
+        help="with --data and no --eval-data: the share of the file, from its end, held out "
+        "(default: %(default)s)",
+    )
+    demo.add_argument(
+        "--key-steps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="take the rationale's calculator notes <<a*b=c>> as StepRAR key steps; --no-key-steps "
+        "leaves them empty (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--hub-dataset",
+        default="openai/gsm8k",
+        help="hub dataset read when no --data is given (default: %(default)s)",
+    )
     demo.add_argument("--hub-config", default="main", help="its configuration (default: %(default)s)")
     core = parser.add_argument_group("GRPO-MA (every grpo_ma.Config field; defaults set for one GPU)")
-    grpo_ma.build_parser(grpo_ma.Config(**GPU_DEFAULTS), core)  # --task/--eval-task are unused: data is --data
+    grpo_ma.build_parser(
+        grpo_ma.Config(**GPU_DEFAULTS), core
+    )  # --task/--eval-task are unused: data is --data
     return parser
 
 
@@ -290,17 +303,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[grpo_ma.Config, argpa
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, args = parse_args(argv)
     if cfg.model == grpo_ma.EMBEDDED:
-        raise ValueError("this demo trains a real model: pass --model <hub id or local path>; "
-                         "the embedded model and task are `python grpo_ma.py`")
+        raise ValueError(
+            "this demo trains a real model: pass --model <hub id or local path>; "
+            "the embedded model and task are `python grpo_ma.py`"
+        )
     reward_fns = gsm8k_reward_functions(cfg)
     train_pool, eval_examples = load_splits(args, cfg)
     print(f"GSM8K: {len(train_pool)} training and {len(eval_examples)} held-out examples")
-    print_memory_estimate(cfg)
     if grpo_ma.pick_device(cfg).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in float32 uses TF32 tensor cores
-    return grpo_ma.train(cfg, train_pool=train_pool, eval_examples=eval_examples, reward_fns=reward_fns,
-                         is_correct=answer_matches)
+    return grpo_ma.train(
+        cfg,
+        train_pool=train_pool,
+        eval_examples=eval_examples,
+        reward_fns=reward_fns,
+        is_correct=answer_matches,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    grpo_ma.run_cli(main, debug="--debug" in sys.argv)

@@ -1,30 +1,29 @@
-"""`python -m paper_figures [--fast]`: regenerate every figure and table of the README.
+"""`python -m paper_figures [--fast]`: regenerate every figure and table (paper_figures/README.md lists them).
 
-1. the variance figures (paper_figures/variance.py, SPEC §3), when that module is present;
+1. the variance figures (paper_figures/variance.py: the thought-advantage variance of theory/ against Monte
+   Carlo), when that module is present;
 2. the training evidence (paper_figures/training.py): gradient spikes, T×A ablation, cost, answer pool,
-   constant β vs GRPO-D, StepGRPO rewards, SFT vs GRPO vs GRPO-MA.
+   constant β vs GRPO-D, StepGRPO rewards, SFT vs GRPO vs GRPO-MA;
+3. with the default --results-dir, the generated blocks of paper_figures/README.md (paper_figures/tables.py).
 
 Runs are cached in paper_figures/cache/ (git-ignored), so a second call only draws. --fast is the CPU
-setting (short runs, fewer seeds; about 15 minutes on an idle 2-core CPU); the default is the full setting,
-meant for a GPU machine.
+setting (short runs, fewer seeds); the default is the full setting, meant for a GPU machine. The time each
+part took is in paper_figures/README.md.
 """
+
 from __future__ import annotations
 
-import argparse
 import time
+from pathlib import Path
+
+from paper_figures import common
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m paper_figures", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fast", action="store_true", help="CPU setting: short runs, fewer seeds")
+def parse_args(argv=None):
+    parser = common.parser(
+        "python -m paper_figures", __doc__, "fast", "out_dir", "results_dir", "cache_dir", "jobs", "threads"
+    )
     parser.add_argument("--only", choices=("variance", "training"), help="make only one half")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs side by side, one process each")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (1 is fastest for the 0.4M-parameter embedded model)")
-    parser.add_argument("--out-dir", default="paper_figures/out", help="figures (PNG and PDF)")
-    parser.add_argument("--results-dir", default="paper_figures/results", help="numbers (JSON, CSV) and tables.md")
-    parser.add_argument("--cache-dir", default="paper_figures/cache", help="cached runs (git-ignored)")
     return parser.parse_args(argv)
 
 
@@ -40,8 +39,20 @@ def main(argv=None) -> None:
             variance.main(fast=args.fast, out_dir=args.out_dir, results_dir=args.results_dir)
     if args.only in (None, "training"):
         from paper_figures import training
-        training.main(fast=args.fast, out_dir=args.out_dir, results_dir=args.results_dir, cache_dir=args.cache_dir,
-                      jobs=args.jobs, threads=args.threads)
+
+        training.main(
+            fast=args.fast,
+            out_dir=args.out_dir,
+            results_dir=args.results_dir,
+            cache_dir=args.cache_dir,
+            jobs=args.jobs,
+            threads=args.threads,
+        )
+    if Path(args.results_dir).resolve() == (common.PACKAGE_DIR / "results").resolve():
+        from paper_figures import tables
+
+        rewritten = tables.update(args.results_dir, common.README)
+        print("rewrote from the results: " + (", ".join(rewritten) or "nothing, already up to date"))
     print(f"paper figures done in {(time.time() - started) / 60:.1f} min")
 
 

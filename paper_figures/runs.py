@@ -10,7 +10,6 @@ A run lives in CACHE/runs/<key>/, where <key> hashes every Config field that can
 a warm start, the warm-up that made it instead of the folder's path). A folder with summary.json is done: a
 rerun only reads it. A run cut short resumes from its checkpoint (grpo_ma's --resume).
 """
-from __future__ import annotations
 
 import dataclasses
 import hashlib
@@ -27,10 +26,10 @@ from grpo_ma import Config
 
 # Config fields left out of the key: where a run writes, how often it checkpoints, resuming; and the device,
 # since a cache lives on one machine (the device a run used is in its summary).
-NOT_IN_KEY = frozenset({"out", "resume", "save_every", "device"})
-# Bump to invalidate every cached run after a change to grpo_ma.py that changes results (the results file lists
-# the grpo_ma.py hash each run was made with, and `collect` warns when it differs from the current file).
-CACHE_VERSION = 1
+NOT_IN_KEY = frozenset({"out", "resume", "overwrite", "save_every", "device", "micro_batch"})
+# Bump to invalidate every cached run after a change to grpo_ma.py that changes results (the results file
+# lists the grpo_ma.py hash each run was made with; `collect` warns when it differs from the current file).
+CACHE_VERSION = 2
 WARM_START_FIELDS = ("seed", "task", "warmup_steps", "warmup_lr", "warmup_batch")
 
 
@@ -48,8 +47,11 @@ def cache_key(cfg: Config, kind: str = "grpo", start: dict | None = None, extra:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY}
     if start is not None:
         fields["model"] = start
-    payload = json.dumps({"kind": kind, "version": CACHE_VERSION, "config": fields, "extra": extra or {}},
-                         sort_keys=True, default=str)
+    payload = json.dumps(
+        {"kind": kind, "version": CACHE_VERSION, "config": fields, "extra": extra or {}},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -71,23 +73,27 @@ def warm_start(seed: int, cache_dir: Path, base: Config | None = None, quiet: bo
     if (folder / "done.json").exists():
         return folder
     started = time.time()
-    grpo_ma.seed_everything(seed)  # as grpo_ma.train seeds
-    data_rng = random.Random(seed)
-    device = grpo_ma.pick_device(base)
-    policy, tokenizer = grpo_ma.load_policy(base, device)
-    draw = lambda rng, n: grpo_ma.sample_examples(rng, base.task, n, held_out=False)  # noqa: E731
+    run = grpo_ma.setup_run(base)  # the seeding and order of draws of grpo_ma.train
     folder.mkdir(parents=True, exist_ok=True)
 
     def warm_up_and_save():
-        grpo_ma.supervised_warmup(policy, tokenizer, base, data_rng, draw)
-        policy.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        grpo_ma.supervised_warmup(run, base)
+        run.policy.save_pretrained(folder)
+        run.tokenizer.save_pretrained(folder)
+
     _quietly(warm_up_and_save, quiet)
     # the data stream after the warm-up, so continued SFT draws fresh examples instead of repeating them
-    state = data_rng.getstate()
-    (folder / "done.json").write_text(json.dumps({
-        **start_description(base), "seconds": round(time.time() - started, 1), "provenance": environment(),
-        "data_rng_state": [state[0], list(state[1]), state[2]]}))
+    state = run.data_rng.getstate()
+    (folder / "done.json").write_text(
+        json.dumps(
+            {
+                **start_description(base),
+                "seconds": round(time.time() - started, 1),
+                "provenance": environment(),
+                "data_rng_state": [state[0], list(state[1]), state[2]],
+            }
+        )
+    )
     return folder
 
 
@@ -96,11 +102,6 @@ def warm_start_data_rng(folder: Path) -> random.Random:
     rng = random.Random()
     rng.setstate((version, tuple(internal), gauss))
     return rng
-
-
-def load_start(folder: Path, device: torch.device):
-    """The warm-started policy through grpo_ma's own loader (the path a --model run takes)."""
-    return _quietly(lambda: grpo_ma.load_policy(Config(model=str(folder)), device), True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,8 +117,9 @@ def grpo_run_dir(cfg: Config, cache_dir: Path, start: dict) -> Path:
     return Path(cache_dir) / "runs" / cache_key(cfg, "grpo", start=start)
 
 
-def sft_run_dir(cfg: Config, cache_dir: Path, start: dict, sft_lr: float, sft_batch: int,
-                families: tuple[str, ...]) -> Path:
+def sft_run_dir(
+    cfg: Config, cache_dir: Path, start: dict, sft_lr: float, sft_batch: int, families: tuple[str, ...]
+) -> Path:
     extra = {"sft_lr": sft_lr, "sft_batch": sft_batch, "families": list(families)}
     return Path(cache_dir) / "runs" / cache_key(cfg, "sft", start=start, extra=extra)
 
@@ -130,21 +132,27 @@ def run_grpo(cfg: Config, cache_dir: Path, quiet: bool = True) -> dict:
     out = grpo_run_dir(cfg, cache_dir, start_of(cfg.model))
     cached = (out / "summary.json").exists()
     if not cached:
-        cfg = dataclasses.replace(cfg, out=str(out), resume=True)  # resume: a run cut short goes on
+        # a run cut short goes on from its checkpoint; one that died before its first starts over
+        resume = (out / "checkpoint.pt").exists() or (out / "checkpoint.prev.pt").exists()
+        cfg = dataclasses.replace(cfg, out=str(out), resume=resume, overwrite=not resume)
         _quietly(lambda: grpo_ma.train(cfg), quiet)
         (out / "provenance.json").write_text(json.dumps(environment()))
     provenance = out / "provenance.json"
-    return {"key": out.name, "dir": str(out), "cached": cached,
-            "summary": json.loads((out / "summary.json").read_text()),
-            "metrics": [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
-            "provenance": json.loads(provenance.read_text()) if provenance.exists() else {}}
+    return {
+        "key": out.name,
+        "dir": str(out),
+        "cached": cached,
+        "summary": json.loads((out / "summary.json").read_text()),
+        "metrics": [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+        "provenance": json.loads(provenance.read_text()) if provenance.exists() else {},
+    }
 
 
-def evaluate_both(model, tokenizer, examples, cfg: Config) -> dict:
+def evaluate_both(run: grpo_ma.Setup, examples, cfg: Config) -> dict:
     """Greedy and sampled held-out accuracy; the sampler is seeded so the number is reproducible."""
     torch.manual_seed(cfg.seed)
-    return {"greedy": grpo_ma.evaluate(model, tokenizer, examples, cfg, do_sample=False),
-            "sampled": grpo_ma.evaluate(model, tokenizer, examples, cfg, do_sample=True)}
+    accuracy = grpo_ma.evaluate(run, cfg, examples)
+    return {"greedy": accuracy["eval_greedy_accuracy"], "sampled": accuracy["eval_sampled_accuracy"]}
 
 
 def eval_policy(cfg: Config, family: str, store: Path, checkpoint: Path | None = None) -> dict:
@@ -152,36 +160,46 @@ def eval_policy(cfg: Config, family: str, store: Path, checkpoint: Path | None =
     a grpo_ma checkpoint; stored in `store` so a rerun only reads it."""
     if store.exists():
         return json.loads(store.read_text())
-    device = grpo_ma.pick_device(cfg)
-    model, tokenizer = load_start(Path(cfg.model), device)
+    run = _quietly(lambda: grpo_ma.setup_run(cfg), True)  # cfg.model: the warm start folder
     if checkpoint is not None:
-        model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=False)["model"])
-    result = evaluate_both(model, tokenizer, grpo_ma.held_out_examples(cfg, family), cfg)
+        run.policy.load_state_dict(
+            torch.load(checkpoint, map_location=run.device, weights_only=False)["model"]
+        )
+    result = evaluate_both(run, grpo_ma.held_out_examples(cfg, family), cfg)
     store.write_text(json.dumps(result))
     return result
 
 
-def run_sft(cfg: Config, sft_lr: float, sft_batch: int, cache_dir: Path, families: tuple[str, ...],
-            quiet: bool = True) -> dict:
+def run_sft(
+    cfg: Config, sft_lr: float, sft_batch: int, cache_dir: Path, families: tuple[str, ...], quiet: bool = True
+) -> dict:
     """Continued supervised fine-tuning from the warm start for cfg.steps steps (grpo_ma.supervised_warmup on
     fresh examples), then held-out accuracy on each family with grpo_ma.evaluate."""
     start_folder = Path(cfg.model)
     out = sft_run_dir(cfg, cache_dir, start_of(start_folder), sft_lr, sft_batch, families)
     key = out.name
     if (out / "summary.json").exists():
-        return {"key": key, "dir": str(out), "cached": True, "summary": json.loads((out / "summary.json").read_text())}
+        return {
+            "key": key,
+            "dir": str(out),
+            "cached": True,
+            "summary": json.loads((out / "summary.json").read_text()),
+        }
     started = time.time()
-    grpo_ma.seed_everything(cfg.seed)
-    device = grpo_ma.pick_device(cfg)
-    model, tokenizer = load_start(start_folder, device)
+    run = _quietly(lambda: grpo_ma.setup_run(cfg), True)  # cfg.model: the warm start folder
+    run.data_rng = warm_start_data_rng(start_folder)
     sft_cfg = dataclasses.replace(cfg, warmup_steps=cfg.steps, warmup_lr=sft_lr, warmup_batch=sft_batch)
-    draw = lambda rng, n: grpo_ma.sample_examples(rng, cfg.task, n, held_out=False)  # noqa: E731
-    _quietly(lambda: grpo_ma.supervised_warmup(model, tokenizer, sft_cfg, warm_start_data_rng(start_folder), draw),
-             quiet)
+    _quietly(lambda: grpo_ma.supervised_warmup(run, sft_cfg), quiet)
     train_seconds = time.time() - started
-    summary = {"steps": cfg.steps, "seed": cfg.seed, "sft_lr": sft_lr, "sft_batch": sft_batch,
-               "train_seconds": train_seconds, "provenance": environment(),
-               "eval": {f: evaluate_both(model, tokenizer, grpo_ma.held_out_examples(cfg, f), cfg) for f in families}}
+    summary = {
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "sft_lr": sft_lr,
+        "sft_batch": sft_batch,
+        "train_seconds": train_seconds,
+        "provenance": environment(),
+        "eval": {f: evaluate_both(run, grpo_ma.held_out_examples(cfg, f), cfg) for f in families},
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"key": key, "dir": str(out), "cached": False, "summary": summary}
@@ -202,20 +220,27 @@ def check_warm_start(start_folder: Path, base: Config, cache_dir: Path) -> dict:
     out = check_dir(base, cache_dir)
     base = dataclasses.replace(base, model=grpo_ma.EMBEDDED, steps=0)
     if not (out / "check.json").exists():
-        plain = _quietly(lambda: grpo_ma.train(dataclasses.replace(base, out=str(out))), True)
+        plain = _quietly(lambda: grpo_ma.train(dataclasses.replace(base, out=str(out), overwrite=True)), True)
         reference = torch.load(out / "reference.pt", map_location="cpu")
-        model, tokenizer = load_start(start_folder, grpo_ma.pick_device(base))
-        saved = model.state_dict()
-        max_diff = max((reference[k].float() - saved[k].float().cpu()).abs().max().item() for k in reference)
         warm_cfg = dataclasses.replace(base, model=str(start_folder), warmup_steps=0)
-        warm_greedy = grpo_ma.evaluate(model, tokenizer, grpo_ma.held_out_examples(warm_cfg), warm_cfg,
-                                       do_sample=False)
-        (out / "check.json").write_text(json.dumps({
-            "seed": base.seed, "eval_size": base.eval_size, "max_abs_weight_diff": max_diff,
-            "plain_start_greedy_accuracy": plain["start_greedy_accuracy"],
-            "plain_start_sampled_accuracy": plain["start_sampled_accuracy"],
-            "saved_start_greedy_accuracy": warm_greedy}, indent=2))
-        for name in ("checkpoint.pt", "reference.pt"):
+        run = _quietly(lambda: grpo_ma.setup_run(warm_cfg), True)
+        saved = run.policy.state_dict()
+        max_diff = max((reference[k].float() - saved[k].float().cpu()).abs().max().item() for k in reference)
+        warm_greedy = grpo_ma.evaluate(run, warm_cfg)["eval_greedy_accuracy"]
+        (out / "check.json").write_text(
+            json.dumps(
+                {
+                    "seed": base.seed,
+                    "eval_size": base.eval_size,
+                    "max_abs_weight_diff": max_diff,
+                    "plain_start_greedy_accuracy": plain["start_greedy_accuracy"],
+                    "plain_start_sampled_accuracy": plain["start_sampled_accuracy"],
+                    "saved_start_greedy_accuracy": warm_greedy,
+                },
+                indent=2,
+            )
+        )
+        for name in ("checkpoint.pt", "checkpoint.prev.pt", "reference.pt"):
             (out / name).unlink(missing_ok=True)
     return json.loads((out / "check.json").read_text())
 
@@ -231,10 +256,15 @@ def environment() -> dict:
     device = "cpu"
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
-    return {"device": device, "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(),
-            "grpo_ma_sha256": grpo_ma_sha256()}
+    return {
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "grpo_ma_sha256": grpo_ma_sha256(),
+    }
 
 
 def _quietly(fn, quiet: bool):

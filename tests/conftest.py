@@ -1,8 +1,26 @@
-"""Hypothesis profiles: CI draws the same examples every run (derandomize) so a red run is reproducible."""
+"""Hypothesis profiles (CI draws the same examples every run, so a red run is reproducible), and a fixture
+for test modules that train small models."""
+
 import os
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module (use it with pytest.mark.usefixtures): the tiny models gain nothing
+    from more, and on a shared CPU OpenMP threads that wait for each other make every step many times
+    slower. OMP_NUM_THREADS tells grpo_ma.train to keep this thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)

@@ -1,16 +1,52 @@
-"""GRPO-D's dynamic KL weight and StepGRPO's step-wise rewards (SPEC §1, issue 5)."""
+"""GRPO-D's dynamic KL weight and StepGRPO's step-wise rewards: each test name states its property."""
+
 import json
 import random
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import grpo_ma as G
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def dynamic_schedule(bounds, share):
+    return G.Config(kl_schedule="dynamic", beta_min=bounds[0], beta_max=bounds[1], explore_share=share)
+
+
 betas = st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted)
-schedules = st.builds(lambda b, share: G.Config(kl_schedule="dynamic", beta_min=b[0], beta_max=b[1],
-                                                explore_share=share), betas, st.floats(0.05, 0.95))
+schedules = st.builds(dynamic_schedule, betas, st.floats(0.05, 0.95))
+
+
+def answer_length(prompts, thoughts, answers, examples):
+    """A reward that varies from the first step: a tenth of the answer's length in characters."""
+    return [len(answer) / 10 for answer in answers]
+
+
+def tiny_flags(out, *extra):
+    flags = ["--thoughts", "2", "--answers", "2", "--prompts-per-step", "2", "--warmup-steps", "5"]
+    return [*flags, "--eval-size", "8", "--out", str(out), *extra]
+
+
+def config_from_flags(flags):
+    args = vars(G.build_parser().parse_args(flags))
+    args.pop("debug")
+    return G.Config(**args)
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_learned(folder):
+    """Every step had a gradient, and the final weights differ from the start policy."""
+    assert all(line["grad_norm"] > 0 for line in read_metrics(folder)[1:])
+    final = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    start = torch.load(folder / "reference.pt", map_location="cpu")
+    assert any(not torch.equal(final[name], start[name]) for name in start)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -31,7 +67,7 @@ def test_dynamic_beta_is_continuous_at_the_end_of_exploration(cfg, total):
     spread = cfg.beta_max - cfg.beta_min
     slopes = spread / 2 / w + spread / (total - w)
     delta = 1e-6
-    # a jump at w would survive any small delta; a continuous piecewise-linear beta moves by at most delta*slopes
+    # a jump at w survives any small delta; a continuous piecewise-linear beta moves by at most delta*slopes
     assert abs(G.kl_beta(w - delta, total, cfg) - G.kl_beta(w + delta, total, cfg)) <= delta * slopes + 1e-12
 
 
@@ -41,26 +77,36 @@ def test_dynamic_beta_stays_within_its_bounds(cfg, total):
         assert cfg.beta_min - 1e-12 <= G.kl_beta(step, total, cfg) <= cfg.beta_max + 1e-12
 
 
+def test_dynamic_beta_is_linear_on_each_side_of_the_end_of_exploration():
+    cfg = dynamic_schedule((0.02, 0.1), 0.25)  # t = 100: w = 25, beta_mid = 0.06
+    assert G.kl_beta(10, 100, cfg) == pytest.approx(0.06 - 0.04 * 10 / 25)
+    assert G.kl_beta(70, 100, cfg) == pytest.approx(0.02 + 0.08 * 45 / 75)
+
+
 @given(st.floats(0, 1), st.integers(0, 500), st.integers(1, 500))
 def test_constant_schedule_is_constant(beta, step, total):
     assert G.kl_beta(step, total, G.Config(beta=beta)) == beta
 
 
 def test_dynamic_schedule_is_logged_every_step(tmp_path):
-    args = ["--thoughts", "2", "--answers", "2", "--prompts-per-step", "2", "--steps", "4", "--warmup-steps", "5",
-            "--eval-size", "8", "--kl-schedule", "dynamic", "--beta-min", "0.0", "--beta-max", "0.02",
-            "--out", str(tmp_path)]
-    G.main(args)
-    cfg = G.parse_args(args)
-    logged = [json.loads(line)["beta"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[1:]]
+    flags = tiny_flags(tmp_path, "--steps", "4", "--kl-schedule", "dynamic", "--beta-min", "0.0")
+    cfg = config_from_flags([*flags, "--beta-max", "0.02"])
+    G.train(cfg, reward_fns=[(answer_length, 1.0)])
+    assert_learned(tmp_path)
+    logged = [line["beta"] for line in read_metrics(tmp_path)[1:]]
     assert logged == [pytest.approx(G.kl_beta(s, 4, cfg)) for s in range(1, 5)]
+    assert len(set(logged)) == 4
 
 
 # ------------------------------------------------------------------------------------------------
 # StepGRPO: StepRAR and StepRVR
 # ------------------------------------------------------------------------------------------------
-EXAMPLE = G.Example(question="7+5-7+8", thought="1:7+5=12;2:12-7=5;</think>",
-                    key_steps=[["7+5=12", "5+7=12"], ["12-7=5"]], answer="13")
+EXAMPLE = G.Example(
+    question="7+5-7+8",
+    thought="1:7+5=12;2:12-7=5;</think>",
+    key_steps=[["7+5=12", "5+7=12"], ["12-7=5"]],
+    answer="13",
+)
 
 
 def steprar(thought, answer, alpha=0.1):
@@ -92,16 +138,19 @@ def test_steprvr_rewards_only_complete_ordered_reasoning():
     assert steprvr(EXAMPLE.thought, "<answer>99</answer>") == 1.0  # it scores the structure, not correctness
 
 
-@pytest.mark.parametrize("thought, answer, why", [
-    ("2:7+5=12;1:12-7=5;</think>", "<answer>13</answer>", "steps out of order"),
-    ("1:7+5=12;3:12-7=5;</think>", "<answer>13</answer>", "a step number skipped"),
-    ("1:7+5=12;2:11-7=4;</think>", "<answer>13</answer>", "step 2 does not start from step 1's result"),
-    ("1:7+5=12;2:12-7=5;", "<answer>13</answer>", "thought never closed"),
-    ("</think>", "<answer>13</answer>", "no steps"),
-    ("1:7+5=12;so 2:12-7=5;</think>", "<answer>13</answer>", "text outside the steps"),
-    (EXAMPLE.thought, "<answer>13", "answer block never closed"),
-    (EXAMPLE.thought, "13", "no answer block"),
-])
+@pytest.mark.parametrize(
+    "thought, answer, why",
+    [
+        ("2:7+5=12;1:12-7=5;</think>", "<answer>13</answer>", "steps out of order"),
+        ("1:7+5=12;3:12-7=5;</think>", "<answer>13</answer>", "a step number skipped"),
+        ("1:7+5=12;2:11-7=4;</think>", "<answer>13</answer>", "step 2 does not start from step 1's result"),
+        ("1:7+5=12;2:12-7=5;", "<answer>13</answer>", "thought never closed"),
+        ("</think>", "<answer>13</answer>", "no steps"),
+        ("1:7+5=12;so 2:12-7=5;</think>", "<answer>13</answer>", "text outside the steps"),
+        (EXAMPLE.thought, "<answer>13", "answer block never closed"),
+        (EXAMPLE.thought, "13", "no answer block"),
+    ],
+)
 def test_steprvr_rejects_incomplete_or_disordered_reasoning(thought, answer, why):
     assert steprvr(thought, answer) == 0.0, why
 
@@ -117,7 +166,17 @@ def test_reference_solutions_earn_full_step_rewards():
 
 
 def test_step_rewards_train_end_to_end(tmp_path):
-    summary = G.main(["--thoughts", "2", "--answers", "2", "--prompts-per-step", "2", "--steps", "1",
-                      "--warmup-steps", "5", "--eval-size", "8", "--reward", "steprar,steprvr",
-                      "--out", str(tmp_path)])
-    assert summary["steps"] == 1
+    """--reward steprar,steprvr through the registry, on T4A1. The pool's key steps are the ten digits, so a
+    barely warmed-up policy matches a few in each thought: the reward varies and the policy learns."""
+    rng = random.Random(0)
+    pool = [G.make_example(rng, "addsub") for _ in range(16)]
+    for example in pool:
+        example.key_steps = [[digit] for digit in "0123456789"]
+    flags = tiny_flags(tmp_path, "--steps", "2", "--warmup-batch", "8", "--reward", "steprar,steprvr")
+    flags += ["--thoughts", "4", "--answers", "1", "--step-alpha", "1.0"]  # the later flag wins
+    summary = G.train(config_from_flags(flags), train_pool=pool)
+    assert summary["steps"] == 2
+    lines = read_metrics(tmp_path)[1:]
+    assert all({"reward/steprar", "reward/steprvr"} <= set(line) for line in lines)
+    assert all(line["zero_std_thought_frac"] < 1 for line in lines)
+    assert_learned(tmp_path)

@@ -1,12 +1,20 @@
-"""Tests of the trainer: each test name states the property it checks (SPEC §1, issue 2)."""
+"""Tests of the trainer: advantages, loss, sampling, clear errors, and tiny end-to-end runs that learn.
+
+Each test name states the property it checks. Every end-to-end run trains with `answer_length`, a reward
+that varies from the first step (the embedded start policy after 5 warm-up steps scores 0 everywhere on
+accuracy and format, so with those rewards nothing would learn and two runs would agree trivially)."""
+
 import json
 import random
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import grpo_ma as G
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TIMING_KEYS = {"rollout_seconds", "train_seconds"}
 
 
@@ -24,60 +32,138 @@ def tiny_model(tokenizer):
     return G.build_embedded_model(tokenizer).eval()
 
 
-def make_tree(tokenizer, k, m, *, answers=None, forced=None, seed=0):
-    """A hand-built tree of random digit tokens (no model needed): P=2 prompts."""
+def digit_tree(tokenizer, prompts, k, m, *, seed=0, forced=(), closed=()):
+    """A hand-built tree of random digit tokens (no model needed). Thoughts (p, k) in `forced` were closed
+    by force; those in `closed` end with a </think> they sampled themselves."""
     rng = random.Random(seed)
-    digit = lambda: tokenizer.convert_tokens_to_ids(str(rng.randint(0, 9)))  # noqa: E731
-    prompts = [[digit() for _ in range(rng.randint(3, 5))] for _ in range(2)]
-    thoughts = [[digit() for _ in range(rng.randint(2, 6))] for _ in range(2 * k)]
-    forced = forced or [[] for _ in range(2 * k)]
-    answers = answers or [[digit() for _ in range(rng.randint(1, 4))] for _ in range(2 * k * m)]
-    return G.Tree(prompts, thoughts, forced, answers, [""] * (2 * k), [""] * (2 * k * m))
+    close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
+
+    def tokens(low, high):
+        return [
+            tokenizer.convert_tokens_to_ids(str(rng.randint(0, 9))) for _ in range(rng.randint(low, high))
+        ]
+
+    prompt_ids = [tokens(3, 5) for _ in range(prompts)]
+    thought_ids = [
+        [tokens(2, 6) + (close if (p, j) in closed else []) for j in range(k)] for p in range(prompts)
+    ]
+    forced_close = [[close if (p, j) in forced else [] for j in range(k)] for p in range(prompts)]
+    answer_ids = [[[tokens(1, 4) for _ in range(m)] for _ in range(k)] for _ in range(prompts)]
+    thoughts = [[""] * k for _ in range(prompts)]
+    answers = [[[""] * m for _ in range(k)] for _ in range(prompts)]
+    return G.Tree(prompt_ids, thought_ids, forced_close, answer_ids, thoughts, answers)
 
 
-def tiny_run_args(tmp_path, *extra):
-    return ["--thoughts", "2", "--answers", "2", "--prompts-per-step", "2", "--steps", "2", "--warmup-steps", "5",
-            "--eval-size", "8", "--eval-every", "1", "--out", str(tmp_path), *extra]
+def config_from_flags(flags):
+    """The Config the CLI builds from these flags."""
+    args = vars(G.build_parser().parse_args(flags))
+    args.pop("debug")
+    return G.Config(**args)
 
 
-def read_metrics(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+def answer_length(prompts, thoughts, answers, examples):
+    """A reward that varies from the first step: a tenth of the answer's length in characters."""
+    return [len(answer) / 10 for answer in answers]
+
+
+REWARDS = [(answer_length, 1.0)]
+
+
+def tiny_config(out, **changes):
+    """T2A2 on 2 prompts, 5 warm-up steps, 8 held-out prompts: a few seconds on a CPU."""
+    settings = dict(thoughts=2, answers=2, prompts_per_step=2, steps=2, warmup_steps=5, eval_size=8)
+    return G.Config(**(settings | {"out": str(out)} | changes))
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_checkpoint(folder, name="checkpoint.pt"):
+    return torch.load(folder / name, map_location="cpu", weights_only=False)
+
+
+def assert_learned(folder):
+    """The run in `folder` learned: rewards varied, every step had a gradient, and the weights moved away
+    from the start policy (reference.pt)."""
+    lines = read_metrics(folder)[1:]
+    assert lines and all(line["reward_std"] > 0 for line in lines)
+    assert all(line["grad_norm"] > 0 for line in lines)
+    final = load_checkpoint(folder)["model"]
+    start = torch.load(folder / "reference.pt", map_location="cpu")
+    assert any(not torch.equal(final[name], start[name]) for name in start)
+
+
+def without_timing(lines):
+    return [{key: value for key, value in line.items() if key not in TIMING_KEYS} for line in lines]
+
+
+def summary_without_wall(folder):
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    return summary
+
+
+def assert_same_tensors(left: dict, right: dict):
+    assert left.keys() == right.keys()
+    for name, tensor in left.items():
+        assert torch.equal(tensor, right[name]), name
+
+
+def assert_same_optimizer_state(left: dict, right: dict):
+    assert left["param_groups"] == right["param_groups"]
+    assert left["state"].keys() == right["state"].keys()
+    for index, moments in left["state"].items():
+        assert_same_tensors(moments, right["state"][index])
 
 
 # ------------------------------------------------------------------------------------------------
 # advantages and loss
 # ------------------------------------------------------------------------------------------------
-def test_m1_advantages_equal_grpo():
-    rewards = torch.rand(3, 8, 1)
-    thought_adv, answer_adv = G.ma_advantages(rewards)
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_m1_advantages_equal_grpo(ddof):
+    rewards = torch.rand(3, 8, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    thought_adv, answer_adv = G.ma_advantages(rewards, ddof=ddof)
     flat = rewards[..., 0]
-    grpo = (flat - flat.mean(-1, keepdim=True)) / (flat.std(-1, keepdim=True) + 1e-4)  # GRPO, written out
+    spread = flat.std(-1, correction=ddof, keepdim=True)
+    grpo = (flat - flat.mean(-1, keepdim=True)) / (spread + 1e-4)  # GRPO, written out
     torch.testing.assert_close(thought_adv, grpo)
     torch.testing.assert_close(answer_adv[..., 0], grpo)
 
 
 def test_m1_token_mean_loss_equals_grpo_token_mean(tokenizer):
+    """With M = 1, the tree loss is GRPO's: each completion (thought + answer) carries its own GRPO advantage,
+    and the clipped surrogate is averaged over every completion token of the step."""
     k = 4
-    tree = make_tree(tokenizer, k, 1)
-    rewards = torch.rand(2, k, 1)
+    tree = digit_tree(tokenizer, 2, k, 1)
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.rand(2, k, 1, generator=gen)
     thought_adv, answer_adv = G.ma_advantages(rewards)
-    batch = G.build_train_batch(tree, thought_adv, answer_adv, 1, tokenizer.pad_token_id, "cpu")
-    logps, old_logps = -torch.rand(batch.advantages.shape), -torch.rand(batch.advantages.shape)
-    cfg = G.Config(beta=0.0)
-    loss, _ = G.grpo_ma_loss(logps, old_logps, None, batch, 0.0, cfg)
+    weights = G.loss_weights(tree, "token")
+    slots = tree.thought_slots()
+    batch = G.build_tree_batch(tree, slots, thought_adv, answer_adv, weights, tokenizer.pad_token_id, "cpu")
+    count = len(batch.advantages)
+    logps, old_logps = -torch.rand(count, generator=gen), -torch.rand(count, generator=gen)
+    loss, _ = G.grpo_ma_loss(logps, old_logps, None, batch.advantages, batch.weights, 0.0, G.Config(beta=0.0))
 
-    # GRPO: each completion (thought + answer) carries its own advantage; average over all completion tokens
-    flat_adv = thought_adv.flatten()
-    total, count = 0.0, 0
-    for row in range(2 * k):
-        start = len(tree.prompt_ids[row // k]) - 1  # logps[t] scores token t+1
-        n_tokens = len(tree.thought_ids[row]) + len(tree.answer_ids[row])
-        for t in range(start, start + n_tokens):
-            ratio = torch.exp(logps[row, t] - old_logps[row, t])
-            a = flat_adv[row]
+    flat = rewards[..., 0].double()
+    grpo = (flat - flat.mean(-1, keepdim=True)) / (flat.std(-1, keepdim=True) + 1e-4)
+    # the tokens in TreeBatch order: every thought's tokens row by row, then every answer's
+    thought_lengths = [len(tree.thought_ids[p][j]) for p, j in slots]
+    answer_lengths = [len(tree.answer_ids[p][j][0]) for p, j in slots]
+    thought_starts = [sum(thought_lengths[:c]) for c in range(len(slots))]
+    answer_starts = [sum(thought_lengths) + sum(answer_lengths[:c]) for c in range(len(slots))]
+    total, tokens = 0.0, 0
+    for c, (p, j) in enumerate(slots):
+        positions = list(range(thought_starts[c], thought_starts[c] + thought_lengths[c]))
+        positions += range(answer_starts[c], answer_starts[c] + answer_lengths[c])
+        for t in positions:
+            ratio = torch.exp(logps[t] - old_logps[t]).double()
+            a = grpo[p, j]
             total += -torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a)
-            count += 1
-    torch.testing.assert_close(loss, total / count)
+            tokens += 1
+    assert tokens == count
+    torch.testing.assert_close(loss.double(), total / tokens, rtol=1e-5, atol=1e-6)
 
 
 def test_constant_rewards_give_exact_zero_advantages_and_no_nan():
@@ -88,45 +174,59 @@ def test_constant_rewards_give_exact_zero_advantages_and_no_nan():
     assert not thought_adv.isnan().any() and torch.equal(answer_adv, torch.zeros(1, 4, 3))
 
 
-def loss_gradient_from_thoughts(tokenizer, tiny_model, m, how):
+def thought_only_gradient(tokenizer, model, m, how):
     """Gradient norm of the loss when only thoughts carry advantage; the same thoughts for any M."""
     k = 2
-    base = make_tree(tokenizer, k, 1, seed=3)
-    tree = G.Tree(base.prompt_ids, base.thought_ids, base.forced_close,
-                  [a for a in base.answer_ids for _ in range(m)], base.thoughts, [""] * (2 * k * m))
+    base = digit_tree(tokenizer, 2, k, 1, seed=3)
+    answer_ids = [[[by_k[0]] * m for by_k in by_p] for by_p in base.answer_ids]
+    answers = [[[""] * m for _ in range(k)] for _ in range(2)]
+    tree = G.Tree(base.prompt_ids, base.thought_ids, base.forced_close, answer_ids, base.thoughts, answers)
     thought_adv, answer_adv = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), torch.zeros(2, k, m)
-    batch = G.build_train_batch(tree, thought_adv, answer_adv, m, tokenizer.pad_token_id, "cpu")
-    logps = G.token_logprobs(tiny_model, batch.input_ids, batch.attention_mask, 1.0)
-    loss, _ = G.grpo_ma_loss(logps, logps.detach(), None, batch, 0.0, G.Config(loss_agg=how))
-    tiny_model.zero_grad()
+    weights = G.loss_weights(tree, how)
+    slots = tree.thought_slots()
+    batch = G.build_tree_batch(tree, slots, thought_adv, answer_adv, weights, tokenizer.pad_token_id, "cpu")
+    logps = G.tree_logprobs(model, batch, 1.0)
+    cfg = G.Config(loss_agg=how, beta=0.0)
+    loss, _ = G.grpo_ma_loss(logps, logps.detach(), None, batch.advantages, batch.weights, 0.0, cfg)
+    model.zero_grad(set_to_none=True)
     loss.backward()
-    return torch.sqrt(sum((p.grad ** 2).sum() for p in tiny_model.parameters() if p.grad is not None)), batch
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
+    model.zero_grad(set_to_none=True)
+    return norm, batch
 
 
 def test_thought_gradient_does_not_grow_with_m(tokenizer, tiny_model):
-    norm_1, batch_1 = loss_gradient_from_thoughts(tokenizer, tiny_model, 1, "sequence")
-    norm_8, batch_8 = loss_gradient_from_thoughts(tokenizer, tiny_model, 8, "sequence")
+    norm_1, batch_1 = thought_only_gradient(tokenizer, tiny_model, 1, "sequence")
+    norm_8, batch_8 = thought_only_gradient(tokenizer, tiny_model, 8, "sequence")
     assert batch_1.thought_mask.sum() == batch_8.thought_mask.sum()  # each thought's tokens counted once
+    assert norm_1 > 0
     torch.testing.assert_close(norm_8, norm_1, rtol=1e-4, atol=1e-6)
-    token_1, _ = loss_gradient_from_thoughts(tokenizer, tiny_model, 1, "token")
-    token_8, _ = loss_gradient_from_thoughts(tokenizer, tiny_model, 8, "token")
-    assert token_8 <= token_1 * (1 + 1e-5)
+    token_1, _ = thought_only_gradient(tokenizer, tiny_model, 1, "token")
+    token_8, _ = thought_only_gradient(tokenizer, tiny_model, 8, "token")
+    assert 0 < token_8 <= token_1 * (1 + 1e-5)
 
 
 def test_on_policy_ratio_is_exactly_one():
-    logps = torch.randn(4, 7, requires_grad=True)
-    advantages = torch.randn(4, 7)
+    logps = torch.randn(28, requires_grad=True)
+    advantages = torch.randn(28)
     ratio = torch.exp(logps - logps.detach())
     assert torch.equal(ratio, torch.ones_like(ratio))
     per_token = G.clipped_surrogate(logps, logps.detach(), advantages, 0.2, 0.2)
     assert torch.equal(per_token, -advantages)
+    per_token.sum().backward()
+    assert torch.equal(logps.grad, -advantages)  # the policy gradient: d(-rho A)/d logp = -A at rho = 1
 
 
 def test_kl_is_zero_when_policy_equals_reference(tokenizer, tiny_model):
-    ids = torch.tensor([tokenizer.encode("7+3-2=?<think>1:7+3=10;</think>", add_special_tokens=False)])
-    logps = G.token_logprobs(tiny_model, ids, torch.ones_like(ids), 1.0)
+    tree = digit_tree(tokenizer, 2, 2, 2, seed=5)
+    zeros = torch.zeros(2, 2, 2)
+    weights = G.loss_weights(tree, "token")
+    batch = G.build_tree_batch(tree, tree.thought_slots(), zeros[..., 0], zeros, weights, 0, "cpu")
+    with torch.no_grad():
+        logps = G.tree_logprobs(tiny_model, batch, 1.0)
     assert torch.equal(G.k3_kl(logps, logps.clone()), torch.zeros_like(logps))
-    assert (G.k3_kl(logps, logps + 0.3 * torch.randn_like(logps)) > 0).all()  # and positive otherwise
+    moved = logps + 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(0))
+    assert (G.k3_kl(logps, moved) > 0).all()  # and positive otherwise
 
 
 def test_clipping_stops_the_gradient_only_beyond_the_trust_region():
@@ -141,60 +241,116 @@ def test_clipping_stops_the_gradient_only_beyond_the_trust_region():
 
 
 def test_clip_higher_widens_only_the_upper_bound():
-    old, advantages = torch.zeros(1), torch.ones(1)
-    logps = torch.log(torch.tensor([1.25])).requires_grad_()
+    old, advantages = torch.zeros(2), torch.tensor([1.0, -1.0])
+    logps = torch.log(torch.tensor([1.25, 0.75])).requires_grad_()
     G.clipped_surrogate(logps, old, advantages, 0.2, 0.28).sum().backward()
     assert logps.grad[0] != 0  # 1.25 < 1.28: still inside with clip-higher
+    assert logps.grad[1] == 0  # 0.75 < 0.8: the lower bound did not move
 
 
-def test_forced_think_close_is_context_not_trained(tokenizer):
+def test_forced_think_close_is_context_not_trained(tokenizer, tiny_model):
     close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
-    tree = make_tree(tokenizer, 2, 2, forced=[close, [], [], close])
-    batch = G.build_train_batch(tree, torch.ones(2, 2), torch.ones(2, 2, 2), 2, tokenizer.pad_token_id, "cpu")
-    counted = batch.thought_mask + batch.answer_mask
-    close_id = close[0]
-    targets = batch.input_ids[:, 1:]
-    assert (counted[targets == close_id] == 0).all()
-    assert counted.sum() == sum(map(len, tree.thought_ids)) + sum(map(len, tree.answer_ids))
+    forced, closed = {(0, 0), (1, 1)}, {(0, 1)}
+    tree = digit_tree(tokenizer, 2, 2, 2, forced=forced, closed=closed)
+    ones = torch.ones(2, 2, 2)
+    weights = G.loss_weights(tree, "token")
+    slots = tree.thought_slots()
+    batch = G.build_tree_batch(tree, slots, ones[..., 0], ones, weights, tokenizer.pad_token_id, "cpu")
+    # the counted prefix tokens are exactly the sampled thoughts, a sampled </think> included
+    counted = [batch.prefix_ids[row][batch.thought_mask[row]].tolist() for row in range(len(slots))]
+    assert counted == [tree.thought_ids[p][k] for p, k in slots]
+    for row, (p, k) in enumerate(slots):
+        if (p, k) in forced:  # the appended marker ends the row and is never counted
+            assert batch.prefix_ids[row, -len(close) :].tolist() == close
+            assert not batch.thought_mask[row, -len(close) :].any()
+    answer_tokens = sum(len(tree.answer_ids[p][k][m]) for p, k, m in tree.answer_slots())
+    thought_tokens = sum(len(tree.thought_ids[p][k]) for p, k in slots)
+    assert len(batch.advantages) == len(batch.weights) == thought_tokens + answer_tokens
+    with torch.no_grad():
+        assert len(G.tree_logprobs(tiny_model, batch, 1.0)) == thought_tokens + answer_tokens
 
 
 # ------------------------------------------------------------------------------------------------
 # sampling
 # ------------------------------------------------------------------------------------------------
-def test_kv_reuse_equals_plain_path(tokenizer, tiny_model, monkeypatch):
-    cfg = G.Config(max_answer_tokens=6)
-    prefixes = [tokenizer.encode(t, add_special_tokens=False) for t in ("7+3-2=?<think>1:7+3=10;</think>",
-                                                                         "12+3=?<think>1:1", "9-1+1=?<think>")]
-    captured = {}
+def plain_generate(model, tokenizer, prefixes, n, budget, stop, temperature, do_sample):
+    """What generate() samples on the full prefixes, each repeated n times, without any cache given to it."""
+    rows = [prefix for prefix in prefixes for _ in range(n)]
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    if do_sample:
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=budget,
+        stop_strings=[stop],
+        tokenizer=tokenizer,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **sampling,
+    )
+    continuations = [G.cut_at_stop(row, tokenizer, stop) for row in out.sequences[:, width:].tolist()]
+    return continuations, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize(
+    "texts",
+    [("7+3-2=?<think>1:7+3=10;</think>", "12+3=?<think>1:1", "9-1+1=?<think>"), ("7", "=")],
+    ids=["shared-prefix-cache", "one-token-prefixes"],
+)
+def test_kv_reuse_samples_what_generate_samples_on_the_full_prefixes(
+    tokenizer, tiny_model, monkeypatch, do_sample, texts
+):
+    cfg = G.Config(temperature=0.8)
+    prefixes = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    budget, stop, n = 6, G.ANSWER_CLOSE, 3
+    torch.manual_seed(7)
+    expected, expected_logits = plain_generate(
+        tiny_model, tokenizer, prefixes, n, budget, stop, 0.8, do_sample
+    )
+
+    captured = []
     real_generate = tiny_model.generate
 
-    def generate_with_logits(**kwargs):
+    def generate_keeping_logits(**kwargs):
         out = real_generate(**kwargs, output_logits=True, return_dict_in_generate=True)
-        captured["logits"] = torch.stack(out.logits, 1)
+        captured.append(torch.stack(out.logits, 1))
         return out.sequences
 
-    monkeypatch.setattr(tiny_model, "generate", generate_with_logits)
-    results = {}
-    for reuse in (True, False):
-        greedy = G.sample_answers(tiny_model, tokenizer, prefixes, 3, cfg, do_sample=False, reuse_prefix_cache=reuse)
-        greedy_logits = captured["logits"]
-        torch.manual_seed(7)
-        sampled = G.sample_answers(tiny_model, tokenizer, prefixes, 3, cfg, do_sample=True, reuse_prefix_cache=reuse)
-        results[reuse] = greedy, greedy_logits, sampled, captured["logits"]
-    assert results[True][0] == results[False][0]
-    assert results[True][2] == results[False][2]
-    for i in (1, 3):
-        torch.testing.assert_close(torch.log_softmax(results[True][i], -1), torch.log_softmax(results[False][i], -1),
-                                   rtol=0, atol=1e-4)
+    monkeypatch.setattr(tiny_model, "generate", generate_keeping_logits)
+    torch.manual_seed(7)
+    got = G.sample_continuations(tiny_model, tokenizer, prefixes, n, budget, stop, cfg, do_sample)
+    assert got == expected
+    assert captured[0].shape == expected_logits.shape
+    torch.testing.assert_close(
+        torch.log_softmax(captured[0], -1), torch.log_softmax(expected_logits, -1), rtol=0, atol=1e-4
+    )
 
 
 def test_thought_that_never_closes_is_closed_by_force(tokenizer, tiny_model):
-    cfg = G.Config(max_thought_tokens=2)
-    prompts = [tokenizer.encode("7+3-2=?<think>", add_special_tokens=False)]
-    tree = G.sample_tree(tiny_model, tokenizer, prompts, 2, 2, cfg)
+    cfg = G.Config(max_thought_tokens=2, max_answer_tokens=3)
+    prompts = [tokenizer.encode(q + "=?" + G.THINK_OPEN, add_special_tokens=False) for q in ("7+3-2", "4+4")]
+    torch.manual_seed(0)
+    tree = G.sample_tree(tiny_model, tokenizer, prompts, 3, 2, cfg)
     close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
-    assert all(f == close for f in tree.forced_close) and all(t.endswith(G.THINK_CLOSE) for t in tree.thoughts)
-    assert all(len(t) <= 2 for t in tree.thought_ids) and len(tree.answers) == 4
+    forced = 0
+    for p, k in tree.thought_slots():
+        sampled = tree.thought_ids[p][k]
+        assert len(sampled) <= 2 and tokenizer.eos_token_id not in sampled
+        closed_itself = tokenizer.decode(sampled).endswith(G.THINK_CLOSE)
+        assert tree.forced_close[p][k] == ([] if closed_itself else close)
+        assert tree.thoughts[p][k].endswith(G.THINK_CLOSE)
+        forced += not closed_itself
+    assert forced > 0
+    assert [[len(by_k) for by_k in by_p] for by_p in tree.answers] == [[2, 2, 2], [2, 2, 2]]
 
 
 def test_cut_at_stop_keeps_the_token_that_completes_the_marker(tokenizer):
@@ -203,20 +359,37 @@ def test_cut_at_stop_keeps_the_token_that_completes_the_marker(tokenizer):
     assert ended == "stop" and tokenizer.decode(kept) == "1:2+3=5;</think>"
     kept, ended = G.cut_at_stop(ids[:3] + [tokenizer.eos_token_id] + ids[3:], tokenizer, G.THINK_CLOSE)
     assert ended == "eos" and kept[-1] == tokenizer.eos_token_id and len(kept) == 4
+    kept, ended = G.cut_at_stop(ids[:5], tokenizer, G.THINK_CLOSE)
+    assert ended == "budget" and kept == ids[:5]
+    twice = tokenizer.encode("1;</answer>", add_special_tokens=False)
+    assert G.cut_at_stop(twice + twice, tokenizer, G.ANSWER_CLOSE) == (twice, "stop")  # at the first one
 
 
 # ------------------------------------------------------------------------------------------------
 # bad input gets a clear error
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags, message", [
-    (["--thoughts", "1"], "thoughts"), (["--answers", "0"], "answers"),
-    (["--answers", "1", "--answer-pool", "thought"], "answer-pool"), (["--temperature", "0"], "temperature"),
-    (["--reward", "accuracy,nope"], "nope"), (["--reward-weights", "1,2,3"], "weights"),
-    (["--task", "calculus"], "calculus"), (["--kl-schedule", "dynamic", "--steps", "0"], "dynamic"),
-])
-def test_invalid_settings_are_rejected_with_a_clear_error(flags, message):
-    with pytest.raises(ValueError, match=message):
-        G.validate_config(G.parse_args(flags))
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--thoughts", "1"], "--thoughts"),
+        (["--answers", "0"], "--answers"),
+        (["--answers", "1", "--answer-pool", "thought"], "--answer-pool"),
+        (["--temperature", "0"], "--temperature"),
+        (["--reward", "accuracy,nope"], "nope"),
+        (["--reward-weights", "1,2,3"], "--reward-weights"),
+        (["--task", "calculus"], "--task"),
+        (["--kl-schedule", "dynamic", "--steps", "0"], "--kl-schedule dynamic"),
+        (["--beta-min", "0.2", "--beta-max", "0.1"], "--beta-min"),
+        (["--epsilon", "1"], "--epsilon"),
+        (["--explore-share", "0"], "--explore-share"),
+        (["--ddof", "2"], "--ddof"),
+        (["--resume", "--overwrite"], "--resume and --overwrite"),
+        (["--model", "./no/such/model"], "--model ./no/such/model"),
+    ],
+)
+def test_invalid_settings_are_rejected_naming_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        G.validate_config(config_from_flags(flags))
 
 
 def nan_reward(prompts, thoughts, answers, examples):
@@ -227,90 +400,191 @@ def short_reward(prompts, thoughts, answers, examples):
     return [1.0] * (len(answers) - 1)
 
 
-@pytest.mark.parametrize("fn, message", [(nan_reward, "nan_reward.*finite"), (short_reward, "short_reward.*3 values")])
+@pytest.mark.parametrize(
+    "fn, message",
+    [(nan_reward, "'nan_reward' gave nan"), (short_reward, "'short_reward' gave 3 values for 4")],
+)
 def test_bad_reward_function_is_named_in_the_error(tokenizer, fn, message):
-    tree = make_tree(tokenizer, 2, 1)
-    tree.answers[:] = ["<answer>1</answer>"] * 4
+    tree = digit_tree(tokenizer, 2, 2, 1)
+    tree.answers = [[["<answer>1</answer>"] for _ in range(2)] for _ in range(2)]
     examples = [G.make_example(random.Random(0), "addsub")] * 2
     with pytest.raises(ValueError, match=message):
-        G.score_answers([(fn, 1.0)], tree, examples, ["", ""], 2, 1)
+        G.score_answers([(fn, 1.0)], tree, examples, ["", ""])
 
 
 def test_tokenizer_without_format_markers_is_rejected():
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
-    vocab = {c: i for i, c in enumerate(["<unk>", "<eos>"] + list("0123456789<>/abcdefghijklmnopqrstuvwxyz"))}
-    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, [], unk_token="<unk>")),
-                                    unk_token="<unk>", eos_token="<eos>")
-    plain.backend_tokenizer.decoder = __import__("tokenizers").decoders.Fuse()
+
+    letters = ["<unk>", "<eos>"] + list("0123456789<>/abcdefghijklmnopqrstuvwxyz")
+    vocab = {c: i for i, c in enumerate(letters)}
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab, [], unk_token="<unk>")),
+        unk_token="<unk>",
+        eos_token="<eos>",
+    )
+    plain.backend_tokenizer.decoder = decoders.Fuse()
     G.check_format_markers(plain)  # spelled out character by character, the markers survive
+    digits = {c: i for i, c in enumerate(["<unk>", "<eos>"] + list("0123456789"))}
     no_markers = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.BPE({c: i for i, c in enumerate(["<unk>", "<eos>"] + list("0123456789"))},
-                                              [], unk_token="<unk>")), unk_token="<unk>", eos_token="<eos>")
+        tokenizer_object=Tokenizer(models.BPE(digits, [], unk_token="<unk>")),
+        unk_token="<unk>",
+        eos_token="<eos>",
+    )
     with pytest.raises(ValueError, match="format marker '<think>'"):
         G.check_format_markers(no_markers)
 
 
-def test_resume_with_different_settings_is_refused(tmp_path):
-    G.main(tiny_run_args(tmp_path, "--steps", "1"))
-    with pytest.raises(ValueError, match="answers"):
-        G.main(tiny_run_args(tmp_path, "--steps", "1", "--answers", "3", "--resume"))
-
-
 # ------------------------------------------------------------------------------------------------
-# end to end
+# end to end: a straight run, and the same run killed after its step-2 checkpoint and resumed
 # ------------------------------------------------------------------------------------------------
-def test_two_step_t2a2_run_writes_metrics_config_checkpoint_and_summary(tmp_path):
-    summary = G.main(tiny_run_args(tmp_path))
-    lines = read_metrics(tmp_path)
-    assert [r["step"] for r in lines] == [0, 1, 2]
-    assert all(list(r) == list(G.METRIC_KEYS) for r in lines)
-    assert lines[1]["tokens_generated"] > 0 and lines[1]["beta"] == 0.04 and lines[1]["kl"] is not None
-    assert lines[2]["eval_greedy_accuracy"] == summary["final_greedy_accuracy"]
-    assert json.loads((tmp_path / "config.json").read_text())["answers"] == 2
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+LEARNING = dict(steps=4, save_every=2, eval_every=3)
 
 
-def test_kill_and_resume_gives_the_same_final_state(tmp_path, monkeypatch):
-    args = ["--steps", "4", "--save-every", "2", "--eval-every", "3"]
-    G.main(tiny_run_args(tmp_path / "straight", *args))
+@pytest.fixture(scope="module")
+def learning_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learning")
+    G.train(tiny_config(root / "straight", **LEARNING), reward_fns=REWARDS)
+    real_step = G.train_step
 
-    real_step, calls = G.train_step, []
-
-    def killed_at_step_4(*a, **kw):
-        calls.append(a[0])
-        if a[0] == 4:
+    def killed_at_step_3(step, *args):
+        if step == 3:
             raise KeyboardInterrupt("killed")
-        return real_step(*a, **kw)
+        return real_step(step, *args)
 
-    monkeypatch.setattr(G, "train_step", killed_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        G.main(tiny_run_args(tmp_path / "killed", *args))
-    monkeypatch.setattr(G, "train_step", real_step)
-    G.main(tiny_run_args(tmp_path / "killed", *args, "--resume"))  # restarts from the step-2 checkpoint
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(G, "train_step", killed_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            G.train(tiny_config(root / "killed", **LEARNING), reward_fns=REWARDS)
+    start_policy = torch.load(root / "killed" / "reference.pt", map_location="cpu")
+    checkpoint = load_checkpoint(root / "killed")
+    references = []
 
-    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
-    for name, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "straight")) == strip(read_metrics(tmp_path / "killed"))
-    summary = lambda run: {k: v for k, v in json.loads((tmp_path / run / "summary.json").read_text()).items()  # noqa: E731
-                           if k != "wall_seconds_this_run"}
-    assert summary("straight") == summary("killed")
-    G.main(tiny_run_args(tmp_path / "straight", *args, "--resume"))  # resuming a finished run changes nothing
-    assert summary("straight") == summary("killed")
+    def recording_the_reference(step, run, optimizer, state, reference, cfg):
+        references.append({name: value.clone() for name, value in reference.state_dict().items()})
+        return real_step(step, run, optimizer, state, reference, cfg)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(G, "train_step", recording_the_reference)
+        G.train(tiny_config(root / "killed", resume=True, **LEARNING), reward_fns=REWARDS)
+    return SimpleNamespace(
+        straight=root / "straight",
+        killed=root / "killed",
+        start_policy=start_policy,
+        checkpoint_before_resume=checkpoint,
+        references_after_resume=references,
+    )
+
+
+def test_tiny_run_writes_config_metrics_checkpoint_summary_and_final(learning_runs):
+    folder = learning_runs.straight
+    lines = read_metrics(folder)
+    assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
+    assert all(list(line)[: len(G.METRIC_KEYS)] == list(G.METRIC_KEYS) for line in lines)
+    assert all(list(line)[len(G.METRIC_KEYS) :] == ["reward/answer_length"] for line in lines[1:])
+    assert all(line["tokens_generated"] > 0 and line["beta"] == 0.04 for line in lines[1:])
+    assert all(line["kl"] is not None for line in lines[1:])
+    evaluated = [line["step"] for line in lines if line["eval_greedy_accuracy"] is not None]
+    assert evaluated == [0, 3, 4]  # the start, every --eval-every steps, the end
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["final_greedy_accuracy"] == lines[-1]["eval_greedy_accuracy"]
+    assert summary["start_sampled_accuracy"] == lines[0]["eval_sampled_accuracy"]
+    assert summary["config"] == "T2A2" and summary["steps"] == 4 and summary["wall_seconds"] > 0
+    assert json.loads((folder / "config.json").read_text())["answers"] == 2
+    checkpoint = load_checkpoint(folder)
+    assert checkpoint["state"]["step"] == 4
+    assert load_checkpoint(folder, "checkpoint.prev.pt")["state"]["step"] == 2
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(folder / "final").state_dict()
+    assert all(torch.equal(final[name], checkpoint["model"][name]) for name in final)
+
+
+def test_learning_runs_have_gradients_and_move_the_weights(learning_runs):
+    assert_learned(learning_runs.straight)
+    assert_learned(learning_runs.killed)
+
+
+def test_kill_and_resume_gives_the_same_final_state(learning_runs):
+    straight, killed = learning_runs.straight, learning_runs.killed
+    assert_learned(straight)  # two runs that do not learn would agree trivially
+    assert_learned(killed)
+    first, second = load_checkpoint(straight), load_checkpoint(killed)
+    assert_same_tensors(first["model"], second["model"])
+    assert_same_optimizer_state(first["optimizer"], second["optimizer"])
+    assert without_timing(read_metrics(straight)) == without_timing(read_metrics(killed))
+    assert summary_without_wall(straight) == summary_without_wall(killed)
+
+
+def test_resumed_run_keeps_the_start_policy_as_kl_reference(learning_runs):
+    before = learning_runs.checkpoint_before_resume
+    assert before["state"]["step"] == 2
+    start = learning_runs.start_policy
+    assert any(not torch.equal(before["model"][name], start[name]) for name in start)  # the policy moved
+    assert len(learning_runs.references_after_resume) == 2  # steps 3 and 4
+    for reference in learning_runs.references_after_resume:
+        assert_same_tensors(reference, start)
+    assert_same_tensors(torch.load(learning_runs.killed / "reference.pt", map_location="cpu"), start)
+
+
+def test_kl_reference_is_the_policy_after_the_warm_up(learning_runs):
+    cfg = tiny_config(learning_runs.straight, **LEARNING)
+    run = G.setup_run(cfg, reward_fns=REWARDS)
+    untrained = {name: value.clone() for name, value in run.policy.state_dict().items()}
+    G.supervised_warmup(run, cfg)
+    reference = torch.load(learning_runs.straight / "reference.pt", map_location="cpu")
+    assert_same_tensors(reference, run.policy.state_dict())
+    assert any(not torch.equal(untrained[name], reference[name]) for name in reference)
+
+
+def test_resuming_a_finished_run_changes_nothing(learning_runs, tmp_path):
+    folder = tmp_path / "finished"
+    shutil.copytree(learning_runs.straight, folder)
+    before = load_checkpoint(folder)
+    metrics = read_metrics(folder)
+    summary = summary_without_wall(folder)
+    G.train(tiny_config(folder, resume=True, **LEARNING), reward_fns=REWARDS)
+    assert_same_tensors(load_checkpoint(folder)["model"], before["model"])
+    assert read_metrics(folder) == metrics
+    assert summary_without_wall(folder) == summary
+
+
+def test_resume_with_different_settings_is_refused(learning_runs, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(learning_runs.straight, folder)
+    with pytest.raises(ValueError, match="answers"):
+        G.train(tiny_config(folder, resume=True, answers=3, **LEARNING), reward_fns=REWARDS)
+    with pytest.raises(ValueError, match="lr"):
+        G.train(tiny_config(folder, resume=True, lr=1e-3, **LEARNING), reward_fns=REWARDS)
+    assert load_checkpoint(folder)["state"]["step"] == 4
 
 
 def test_real_checkpoint_loads_through_model_flag(tmp_path):
-    """The --model path (AutoModelForCausalLM + AutoTokenizer + chat template), on a small Qwen2 saved here."""
+    """The --model path (AutoModelForCausalLM + AutoTokenizer + chat template), on a small Qwen2 saved here;
+    the trained policy in OUT/final loads back through the same flag."""
     tokenizer = G.build_char_tokenizer()
-    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}"
-                               "{% endfor %}{% if add_generation_prompt %}=?{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}=?{% endif %}"
+    )
     torch.manual_seed(0)
     G.build_embedded_model(tokenizer).save_pretrained(tmp_path / "qwen")
     tokenizer.save_pretrained(tmp_path / "qwen")
-    summary = G.main(tiny_run_args(tmp_path / "run", "--model", str(tmp_path / "qwen"), "--steps", "1"))
-    assert summary["steps"] == 1
     loaded = G.load_policy(G.Config(model=str(tmp_path / "qwen")), torch.device("cpu"))[1]
     assert G.format_prompt(loaded, "7+3") == "7+3=?" + G.THINK_OPEN  # built by the chat template
+    flags = ["--thoughts", "2", "--answers", "2", "--prompts-per-step", "2", "--steps", "2"]
+    flags += [
+        "--warmup-steps",
+        "5",
+        "--eval-size",
+        "4",
+        "--model",
+        str(tmp_path / "qwen"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    summary = G.train(config_from_flags(flags), reward_fns=REWARDS)
+    assert summary["steps"] == 2
+    assert_learned(tmp_path / "run")
+    trained, _ = G.load_policy(G.Config(model=str(tmp_path / "run" / "final")), torch.device("cpu"))
+    assert_same_tensors(trained.state_dict(), load_checkpoint(tmp_path / "run")["model"])

@@ -1,28 +1,60 @@
-"""The paper-figures pipeline on tiny settings: cache keys, warm start, tables, one end-to-end run in a tmp dir."""
+"""The paper-figures pipeline on tiny settings: cache keys, warm start, tables, the README's generated blocks,
+the shared flags, and one end-to-end run in a tmp dir."""
+
 import dataclasses
 import json
+import re
+from pathlib import Path
 
 import pytest
+import torch
 
+import grpo_ma
 from grpo_ma import Config
-from paper_figures import runs, tables, training
+from paper_figures import __main__ as pipeline
+from paper_figures import common, default_runs, plot_run, runs, tables, training, variance
 
-TINY = training.Plan("tiny", steps=1, eval_every=1, eval_size=2, ablation_seeds=(0,), compare_seeds=(0,),
-                     base=(("warmup_steps", 2), ("warmup_batch", 4), ("prompts_per_step", 1),
-                           ("max_thought_tokens", 8), ("max_answer_tokens", 4)))
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = training.Plan(
+    "tiny",
+    steps=1,
+    eval_every=1,
+    eval_size=2,
+    ablation_seeds=(0,),
+    compare_seeds=(0,),
+    base=(
+        ("warmup_steps", 2),
+        ("warmup_batch", 4),
+        ("prompts_per_step", 1),
+        ("max_thought_tokens", 8),
+        ("max_answer_tokens", 4),
+    ),
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # cache keys
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value", [("lr", 1e-4), ("seed", 1), ("thoughts", 8), ("answer_pool", "thought"),
-                                          ("reward", "steprar,format"), ("kl_schedule", "dynamic"), ("steps", 7)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", 1e-4),
+        ("seed", 1),
+        ("thoughts", 8),
+        ("answer_pool", "thought"),
+        ("reward", "steprar,format"),
+        ("kl_schedule", "dynamic"),
+        ("steps", 7),
+    ],
+)
 def test_cache_key_changes_when_a_result_field_changes(field, value):
     assert runs.cache_key(Config()) != runs.cache_key(dataclasses.replace(Config(), **{field: value}))
 
 
-@pytest.mark.parametrize("field, value", [("out", "elsewhere"), ("resume", True), ("save_every", 3),
-                                          ("device", "cpu")])
+@pytest.mark.parametrize(
+    "field, value", [("out", "elsewhere"), ("resume", True), ("save_every", 3), ("device", "cpu")]
+)
 def test_cache_key_ignores_fields_that_cannot_change_results(field, value):
     assert runs.cache_key(Config()) == runs.cache_key(dataclasses.replace(Config(), **{field: value}))
 
@@ -43,9 +75,11 @@ def test_warm_start_folder_depends_on_warmup_settings_only(tmp_path):
 
 
 def test_the_default_t4a4_run_serves_every_group():
-    keys = {spec.group: runs.cache_key(training.run_config(TINY, spec, "start"))
-            for spec in training.specs(TINY) if spec.label in ("T4A4", "all K·M answers", "β = 0.04",
-                                                                "accuracy + format", "GRPO-MA (T4A4)")}
+    keys = {
+        spec.group: runs.cache_key(training.run_config(TINY, spec, "start"))
+        for spec in training.specs(TINY)
+        if spec.label in ("T4A4", "all K·M answers", "β = 0.04", "accuracy + format", "GRPO-MA (T4A4)")
+    }
     assert set(keys) == set(training.GROUPS) and len(set(keys.values())) == 1
 
 
@@ -61,6 +95,99 @@ def test_spread_reads_mean_and_min_max():
 def test_markdown_table_has_a_header_rule_and_one_line_per_row():
     text = tables.markdown_table(["a", "b"], [[1, 2], [3, 4]])
     assert text.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |", "| 3 | 4 |"]
+
+
+def test_noise_verdict_calls_a_difference_inside_the_interval_a_tie():
+    assert "noise" in tables.noise_verdict(0.040, 0.069)
+    assert "noise" in tables.noise_verdict(-0.040, 0.069)
+    assert "larger than the ±0.069 interval" in tables.noise_verdict(0.1, 0.069)
+
+
+def test_wall_seconds_reads_summaries_of_the_current_and_earlier_trainer():
+    assert tables.wall_seconds({"wall_seconds": 12.5}) == 12.5
+    assert tables.wall_seconds({"wall_seconds_this_run": 7.0}) == 7.0
+
+
+def test_fill_readme_rewrites_the_blocks_and_leaves_the_text_around_them():
+    begin = tables.BEGIN.format(name="a")
+    end = tables.END.format(name="a")
+    text = f"hand-written 0.5\n{begin}\nold | table\n{end}\nmore text\n"
+    filled = tables.fill_readme(text, {"a": "new | table"})
+    assert filled == f"hand-written 0.5\n{begin}\nnew | table\n{end}\nmore text\n"
+    with pytest.raises(KeyError, match="'a'"):
+        tables.fill_readme(text, {})
+
+
+# ------------------------------------------------------------------------------------------------
+# the committed README and results
+# ------------------------------------------------------------------------------------------------
+def test_readme_blocks_equal_what_tables_makes_from_the_committed_results():
+    results = common.PACKAGE_DIR / "results"
+    readme = common.README.read_text()
+    assert set(tables.blocks_of(readme)) == set(tables.readme_blocks(results))
+    assert tables.update(results, common.README, check=True) == [], "run `python -m paper_figures.tables`"
+
+
+def test_readme_links_every_committed_figure_and_only_existing_ones():
+    readme = common.README.read_text()
+    linked = set(re.findall(r"\(out/([\w-]+\.png)\)", readme))
+    committed = {p.name for p in (common.PACKAGE_DIR / "out").glob("*.png")}
+    assert linked == committed
+
+
+def test_embedded_model_has_the_parameter_count_the_scripts_state():
+    model, _ = grpo_ma.load_policy(Config(), torch.device("cpu"))
+    count = sum(p.numel() for p in model.parameters())
+    assert count == common.EMBEDDED_PARAMETERS
+    assert common.EMBEDDED_SIZE == f"{count / 1e6:.1f}M"
+
+
+def test_every_mention_of_the_embedded_models_size_is_the_same():
+    files = [
+        *sorted((REPO / "paper_figures").glob("*.py")),
+        common.README,
+        REPO / "README.md",
+        REPO / "grpo_ma.py",
+    ]
+    sizes = {f.name: re.findall(r"(\d+\.\d+)M[- ]param", f.read_text()) for f in files if f.exists()}
+    assert {size for found in sizes.values() for size in found} <= {common.EMBEDDED_SIZE[:-1]}, sizes
+
+
+SCRIPTS = {
+    "paper_figures": pipeline.parse_args,
+    "paper_figures.training": training.cli,
+    "paper_figures.variance": variance.cli,
+    "paper_figures.default_runs": default_runs.main,
+    "paper_figures.tables": tables.main,
+    "paper_figures.plot_run": plot_run.main,
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_scripts_help_comes_from_the_shared_parser_and_states_the_model_size(script, capsys):
+    with pytest.raises(SystemExit) as done:
+        SCRIPTS[script](["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith(f"usage: python -m {script} ")
+    assert set(re.findall(r"(\d+\.\d+M)[- ]param", text)) <= {common.EMBEDDED_SIZE}
+    if "--threads" in text:
+        assert f"{common.EMBEDDED_SIZE}-parameter embedded model" in text
+
+
+def test_common_flags_are_defined_only_in_common_py():
+    for path in sorted((REPO / "paper_figures").glob("*.py")):
+        if path.name != "common.py":
+            source = path.read_text()
+            defined = re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source)
+            assert [flag for flag, _ in common.FLAGS.values() if flag in defined] == [], path.name
+
+
+def test_the_shared_parser_refuses_a_flag_it_does_not_define():
+    with pytest.raises(ValueError, match="unknown common flags"):
+        common.parser("x", None, "fast", "no_such_flag")
+    args = pipeline.parse_args(["--fast", "--out-dir", "o", "--jobs", "3"])
+    assert (args.fast, args.out_dir, args.jobs, args.results_dir) == (True, "o", 3, common.RESULTS_DIR)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,9 +210,14 @@ def test_tiny_pipeline_writes_every_figure_and_results_file(tiny_run):
             assert (paths["out_dir"] / f"{name}.{ext}").stat().st_size > 0
     saved = json.loads((paths["results_dir"] / "training.json").read_text())
     assert set(saved["groups"]) == set(training.GROUPS)
-    assert saved["environment"]["torch"] and saved["environment"]["transformers"] and saved["environment"]["device"]
+    assert (
+        saved["environment"]["torch"]
+        and saved["environment"]["transformers"]
+        and saved["environment"]["device"]
+    )
     assert (paths["results_dir"] / "training_runs.csv").read_text().count("\n") == 1 + sum(
-        len(g["entries"]) for g in saved["groups"].values())
+        len(g["entries"]) for g in saved["groups"].values()
+    )
 
 
 def test_a_rerun_finds_everything_in_the_cache(tiny_run):
@@ -104,8 +236,31 @@ def test_tables_are_generated_from_the_results_file(tiny_run):
     paths, results, _ = tiny_run
     markdown = (paths["results_dir"] / "tables.md").read_text()
     assert markdown == tables.make_tables(json.loads((paths["results_dir"] / "training.json").read_text()))
-    titles = ("Gradient spikes", "T×A ablation", "Cost", "Answer-advantage pool", "KL weight", "Rewards", "Methods")
+    titles = (
+        "Gradient spikes",
+        "T×A ablation",
+        "Cost",
+        "Answer-advantage pool",
+        "KL weight",
+        "Rewards",
+        "Methods",
+    )
     for title in titles:
         assert f"#### {title}" in markdown
-    t16 = results["runs"][next(e["key"] for e in results["groups"]["ablation"]["entries"] if e["label"] == "T16A1")]
+    t16 = results["runs"][
+        next(e["key"] for e in results["groups"]["ablation"]["entries"] if e["label"] == "T16A1")
+    ]
     assert f"| T16A1 | 16 | {t16['stats']['start_greedy_accuracy']:.3f} |" in markdown
+
+
+def test_tiny_results_make_every_training_block_of_the_readme(tiny_run):
+    paths, _, _ = tiny_run
+    blocks = tables.readme_blocks(paths["results_dir"])
+    assert set(tables.TRAINING_BLOCKS) | {"setting", "times"} <= set(blocks)
+
+
+def test_plot_run_draws_a_metrics_file_that_grpo_ma_train_wrote(tiny_run):
+    paths, _, _ = tiny_run
+    folder = next((paths["cache_dir"] / "runs").glob("*/metrics.jsonl")).parent
+    assert plot_run.main([str(folder), "--output", str(paths["out_dir"] / "curves.png")]) == 0
+    assert (paths["out_dir"] / "curves.png").stat().st_size > 0

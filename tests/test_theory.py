@@ -1,6 +1,9 @@
-"""Tests of theory/ (SPEC §3): the closed forms against sympy, their scaling, and Monte Carlo through the
-trainer's `ma_advantages` against them. Monte Carlo examples are derandomized and bounded in number."""
+"""Tests of theory/ (claims 1-6 in theory/README.md): the closed forms against sympy and exact enumeration,
+their scaling, and Monte Carlo through the trainer's `ma_advantages` against them. Monte Carlo examples are
+derandomized and bounded in number."""
+
 import functools
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sympy as sp
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from theory import budget as bd
+from theory import checks
 from theory import closed_form as cf
 from theory import symbolic as sy
+from theory.__main__ import main as theory_main
 from theory.monte_carlo import estimate_variance, monte_carlo_variance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,53 +43,87 @@ def leading_scale(mu, sigma2, answers, ddof):
     return sigma2.mean() / (answers * np.var(mu, ddof=ddof))
 
 
+def enumerate_outcomes(mu, answers):
+    """Every vector of success counts of K thoughts with M Bernoulli(mu_k) answers, and its probability:
+    (x of shape (outcomes, K) with x_k = count_k / M, probabilities (outcomes,))."""
+    counts = np.array(list(itertools.product(range(answers + 1), repeat=len(mu))))
+    pmf = np.prod([stats.binom.pmf(counts[:, k], answers, m) for k, m in enumerate(mu)], axis=0)
+    return counts / answers, pmf
+
+
+def quantile_setting(thoughts):
+    """The setting of `python -m theory`: Beta(1, 1) quantile thought values, Bernoulli answer variances."""
+    mu = checks.thought_values(thoughts)
+    return mu, cf.bernoulli_variance(mu)
+
+
 # ------------------------------------------------------------------------------------------------
 # closed form vs sympy
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("thoughts", [2, 3, 4])
 @pytest.mark.parametrize("ddof", [0, 1])
-def test_sympy_gradient_quadratic_form_equals_spec_closed_form(thoughts, ddof):
+def test_sympy_gradient_quadratic_form_equals_closed_form(thoughts, ddof):
     assert sy.leading_order_difference(thoughts, ddof) == [0] * thoughts
 
 
 @FAST
-@given(setting=settings_())
-def test_closed_form_equals_sympy_at_random_points(setting):
+@given(setting=settings_(), eps_over_spread=st.sampled_from([0.0, 0.01, 0.3, 1.0, 3.0]))
+def test_closed_form_equals_sympy_gradient_with_eps_at_random_points(setting, eps_over_spread):
+    """The leading order with eps in the denominator is sympy's gradient of (x_k - xbar)/(s(x) + eps) at mu,
+    also where eps is as large as the spread of the thought values (there dropping eps changes the variance
+    4x)."""
     mu, sigma2, answers, ddof = setting
-    ours = cf.leading_order_variance(mu, sigma2, answers, ddof=ddof)
-    theirs = sy.leading_order_function(len(mu), ddof)(mu, sigma2, answers)
+    eps = eps_over_spread * np.std(mu, ddof=ddof)
+    ours = cf.leading_order_variance(mu, sigma2, answers, ddof=ddof, eps=eps)
+    theirs = sy.leading_order_function(len(mu), ddof)(mu, sigma2, answers, eps)
     assert np.abs(ours - theirs).max() <= 1e-10 * leading_scale(mu, sigma2, answers, ddof)
 
 
 @FAST
 @given(setting=settings_(3, 3))
+def test_leading_order_jacobian_equals_sympy_gradient(setting):
+    """dg_k/dx_j = (delta_jk - (1 + z_k z_j)/K)/s_mu (claim 1) is the gradient sympy takes of g_k."""
+    mu, _, _, ddof = setting
+    jacobian = sy.derivative_tensors(3, ddof)(mu)[0]
+    assert np.allclose(cf.leading_order_jacobian(mu, ddof=ddof), jacobian, rtol=1e-10, atol=1e-12)
+
+
+@FAST
+@given(setting=settings_(3, 3))
 def test_second_order_terms_equal_sympy_derivatives(setting):
-    """The O(K) sums of `second_order_sums` equal the definitions sum J H kappa + 1/2 sum H^2 v v + sum J T v v."""
+    """The O(K) sums of `second_order_sums` equal the definitions
+    sum J H kappa + 1/2 sum H^2 v v + sum J T v v."""
     mu, sigma2, answers, ddof = setting
     kappa3 = cf.bernoulli_third_cumulant(mu)
     v1, v2 = sy.second_order_from_derivatives(mu, sigma2, kappa3, answers, ddof)
     c1, c2 = cf.variance_coefficients(mu, sigma2, kappa3, ddof=ddof)
-    scale = leading_scale(mu, sigma2, answers, ddof)     # a thought at an extreme of the circle has V1 = 0
+    scale = leading_scale(mu, sigma2, answers, ddof)  # a thought at an extreme of the circle has V1 = 0
     assert np.allclose(c1 / answers, v1, rtol=1e-9, atol=1e-12 * scale)
-    assert np.allclose(c2 / answers ** 2, v2, rtol=1e-8, atol=1e-12 * scale ** 2)
+    assert np.allclose(c2 / answers**2, v2, rtol=1e-8, atol=1e-12 * scale**2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def generic_functions(ddof):
     """The symbolic (C1, C2) of a generic thought, compiled: values dict -> float."""
-    out = []
-    for expr in sy.generic_thought_variance(ddof):
-        symbols = sorted(expr.free_symbols, key=lambda x: x.name)
-        compiled = sp.lambdify(symbols, expr, "math")
-        out.append(lambda values, f=compiled, names=symbols: float(f(*(values[x] for x in names))))
-    return out
+    return [compile_expression(expr) for expr in sy.generic_thought_variance(ddof)]
+
+
+def compile_expression(expr):
+    """A sympy expression as a function of a dict {symbol: number}."""
+    symbols = sorted(expr.free_symbols, key=lambda x: x.name)
+    compiled = sp.lambdify(symbols, expr, "math")
+
+    def evaluate(values):
+        return float(compiled(*(values[x] for x in symbols)))
+
+    return evaluate
 
 
 @FAST
 @given(setting=settings_(3, 8), k=st.integers(0, 7))
 def test_generic_thought_sums_equal_numpy_sums(setting, k):
-    """The symbolic any-K expression, evaluated at the setting's moments, is the numpy result: the K -> oo limit
-    is taken of the same function that computes the numbers."""
+    """The symbolic any-K expression, evaluated at the setting's moments, is the numpy result: the K -> oo
+    limit is taken of the same function that computes the numbers."""
     mu, sigma2, answers, ddof = setting
     k = k % len(mu)
     kappa3 = cf.bernoulli_third_cumulant(mu)
@@ -92,7 +132,7 @@ def test_generic_thought_sums_equal_numpy_sums(setting, k):
     c1, c2 = cf.variance_coefficients(mu, sigma2, kappa3, ddof=ddof)
     scale = leading_scale(mu, sigma2, answers, ddof)
     assert np.isclose(c1_sym(values), c1[k] / answers, rtol=1e-9, atol=1e-12 * scale)
-    assert np.isclose(c2_sym(values), c2[k] / answers ** 2, rtol=1e-7, atol=1e-10 * scale ** 2)
+    assert np.isclose(c2_sym(values), c2[k] / answers**2, rtol=1e-7, atol=1e-10 * scale**2)
 
 
 def test_large_k_limits_are_the_floors_of_claims_4_and_5():
@@ -109,28 +149,96 @@ def test_large_k_limits_are_the_floors_of_claims_4_and_5():
 def test_leading_order_scales_exactly_as_inverse_m(setting):
     mu, sigma2, answers, ddof = setting
     one = cf.leading_order_variance(mu, sigma2, 1, ddof=ddof)
-    assert np.allclose(cf.leading_order_variance(mu, sigma2, answers, ddof=ddof) * answers, one, rtol=1e-12,
-                       atol=1e-15 * leading_scale(mu, sigma2, 1, ddof))
+    assert np.allclose(
+        cf.leading_order_variance(mu, sigma2, answers, ddof=ddof) * answers,
+        one,
+        rtol=1e-12,
+        atol=1e-15 * leading_scale(mu, sigma2, 1, ddof),
+    )
 
 
 @FAST
 @given(setting=settings_(3, 40))
 def test_ddof_only_rescales_the_variance(setting):
-    """A_k(ddof=0) = sqrt(K/(K-1)) ... so Var(ddof=0) = Var(ddof=1) * K/(K-1): for both formulas."""
+    """A_k(ddof=0) = sqrt(K/(K-1)) A_k(ddof=1) for eps = 0, so Var(ddof=0) = Var(ddof=1) * K/(K-1): for all
+    three formulas, at every K (the difference is largest at small K)."""
     mu, sigma2, answers, _ = setting
     thoughts = len(mu)
-    for formula in (cf.leading_order_variance, cf.finite_m_variance):
-        assert np.allclose(formula(mu, sigma2, answers, ddof=0) * (thoughts - 1),
-                           formula(mu, sigma2, answers, ddof=1) * thoughts, rtol=1e-9)
+    for formula in (cf.leading_order_variance, cf.inflated_std_variance, cf.finite_m_variance):
+        with_ddof_0 = formula(mu, sigma2, answers, ddof=0) * (thoughts - 1)
+        with_ddof_1 = formula(mu, sigma2, answers, ddof=1) * thoughts
+        assert np.allclose(with_ddof_0, with_ddof_1, rtol=1e-9)
+
+
+@pytest.mark.parametrize("thoughts, answers", [(2, 1), (2, 5), (3, 2), (3, 4)])
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_expected_sample_variance_equals_enumerated_mean_of_s_squared(thoughts, answers, ddof):
+    """E[s(x)^2], with which the inflated-std formula replaces s_mu^2, is the mean of s(x)^2 over every
+    outcome of the Bernoulli answers (small K, where ddof changes it most)."""
+    mu = np.linspace(0.2, 0.7, thoughts)
+    x, prob = enumerate_outcomes(mu, answers)
+    enumerated = prob @ x.var(1, ddof=ddof)
+    expected = cf.expected_sample_variance(mu, cf.bernoulli_variance(mu), answers, ddof=ddof)
+    assert np.isclose(expected, enumerated, rtol=1e-12)
 
 
 @FAST
-@given(setting=settings_(3, 40))
-def test_finite_m_formula_tends_to_leading_order_as_m_grows(setting):
+@given(setting=settings_(3, 40), eps_over_spread=st.sampled_from([0.0, 0.1, 1.0]))
+@example(setting=(np.array([0.5] * 20 + [0.25]), np.full(21, 0.25), 1, 0), eps_over_spread=0.1)
+def test_finite_m_formula_tends_to_leading_order_as_m_grows(setting, eps_over_spread):
+    """At large M the finite-M formula is the leading order, with eps too: where eps is as large as the
+    spread, the leading order with eps is 4x smaller than without. The example is a thought alone at one of
+    two values, whose linear term vanishes without eps and is created by eps."""
     mu, sigma2, _, ddof = setting
     big = 1e7
-    gap = cf.finite_m_variance(mu, sigma2, big, ddof=ddof) - cf.leading_order_variance(mu, sigma2, big, ddof=ddof)
+    eps = eps_over_spread * np.std(mu, ddof=ddof)
+    finite = cf.finite_m_variance(mu, sigma2, big, ddof=ddof, eps=eps)
+    gap = finite - cf.leading_order_variance(mu, sigma2, big, ddof=ddof, eps=eps)
     assert np.abs(gap).max() <= 1e-4 * leading_scale(mu, sigma2, big, ddof)
+
+
+@pytest.mark.parametrize("thoughts", [3, 4])
+@pytest.mark.parametrize("answers", [16, 32])
+def test_finite_m_formula_with_large_eps_matches_exact_enumeration(thoughts, answers):
+    """With eps = 0.1, a third of the spread of the thought values, the eps factor of the finite-M formula
+    lowers the variance by 35-40%; with it the formula is within 4% of the exact variance for every
+    thought."""
+    mu, sigma2 = quantile_setting(thoughts)
+    exact = cf.bernoulli_exact_variance(mu, answers, eps=0.1)
+    formula = cf.finite_m_variance(mu, sigma2, answers, eps=0.1)
+    assert np.abs(formula / exact - 1).max() <= 0.04
+
+
+@pytest.mark.parametrize("thoughts, answer_counts", [(3, (8, 16, 32)), (4, (8, 16, 32)), (5, (8, 16))])
+def test_finite_m_formula_within_stated_accuracy_of_exact_enumeration(thoughts, answer_counts):
+    """theory/README.md, claim 2: for K = 3..5 and M >= 8 the finite-M formula is within 2.5/M^2 of the exact
+    variance averaged over thoughts, and within 6/M^2 for each thought (no sampling noise here)."""
+    mu, sigma2 = quantile_setting(thoughts)
+    for answers in answer_counts:
+        exact = cf.bernoulli_exact_variance(mu, answers, eps=checks.EPS)
+        formula = cf.finite_m_variance(mu, sigma2, answers, eps=checks.EPS)
+        assert abs(formula.mean() / exact.mean() - 1) <= checks.EXACT_MEAN_COEFFICIENT / answers**2
+        assert np.abs(formula / exact - 1).max() <= checks.PER_THOUGHT_COEFFICIENT / answers**2
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("eps", [0.0, 1e-4, 0.2])
+def test_exact_enumeration_equals_direct_sum_over_outcomes(ddof, eps):
+    """`bernoulli_exact_variance` against the definition, summed here over itertools' outcomes, and against
+    the closed-form K = 2 distribution."""
+    mu = np.array([0.15, 0.4, 0.45, 0.8])
+    x, prob = enumerate_outcomes(mu, 3)
+    centred = x - x.mean(1, keepdims=True)
+    std = x.std(1, ddof=ddof, keepdims=True)
+    adv = np.where(np.ptp(x, 1, keepdims=True) == 0, 0.0, centred / np.maximum(std + eps, 1e-300))
+    direct = prob @ adv**2 - (prob @ adv) ** 2
+    assert np.allclose(cf.bernoulli_exact_variance(mu, 3, ddof=ddof, eps=eps), direct, rtol=1e-12, atol=1e-15)
+    two = np.array([0.3, 0.6])
+    assert np.allclose(
+        cf.bernoulli_exact_variance(two, 7, ddof=ddof, eps=eps),
+        cf.two_thought_exact_variance(two, 7, ddof=ddof, eps=eps),
+        rtol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.5, 2.0, 8.0])
@@ -154,21 +262,25 @@ def test_beta_ratio_is_within_over_between_variance():
 # Monte Carlo through grpo_ma.ma_advantages
 # ------------------------------------------------------------------------------------------------
 @MONTE_CARLO
-@given(thoughts=st.integers(4, 12), answers=st.integers(16, 64), ratio=st.floats(0.5, 3.0),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    thoughts=st.integers(4, 12),
+    answers=st.integers(16, 64),
+    ratio=st.floats(0.5, 3.0),
+    seed=st.integers(0, 2**16),
+)
 def test_monte_carlo_within_interval_of_finite_m_formula(thoughts, answers, ratio, seed):
     mu = cf.beta_thought_values(thoughts, ratio, draw="random", rng=np.random.default_rng(seed))
     sigma2 = cf.bernoulli_variance(mu)
-    assume(sigma2.mean() / (answers * mu.var(ddof=1)) < 0.15)     # answer noise small next to the thought spread
+    assume(sigma2.mean() / (answers * mu.var(ddof=1)) < 0.15)  # answer noise small next to the thought spread
     estimate = monte_carlo_variance(mu, answers, 40_000 // thoughts, seed=seed, level=0.999)
     formula = cf.finite_m_variance(mu, sigma2, answers, eps=1e-4).mean()
     assert abs(formula - estimate.mean) <= estimate.mean_half_width
 
 
 @MONTE_CARLO
-@given(thoughts=st.integers(4, 6), ratio=st.floats(0.5, 4.0), seed=st.integers(0, 2 ** 16))
+@given(thoughts=st.integers(4, 6), ratio=st.floats(0.5, 4.0), seed=st.integers(0, 2**16))
 def test_monte_carlo_within_interval_of_leading_order_at_large_m(thoughts, ratio, seed):
-    """The SPEC's leading order is biased by ~E[sigma^2]/(M s^2), inside the interval once M is large."""
+    """The leading order is biased by ~E[sigma^2]/(M s^2), inside the interval once M is large."""
     answers = 512
     mu = cf.beta_thought_values(thoughts, ratio, draw="random", rng=np.random.default_rng(seed))
     assume(mu.var() > 0.02)
@@ -178,13 +290,32 @@ def test_monte_carlo_within_interval_of_leading_order_at_large_m(thoughts, ratio
 
 
 @MONTE_CARLO
-@given(mu=st.tuples(st.floats(0.05, 0.95), st.floats(0.05, 0.95)), answers=st.integers(1, 6),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    mu=st.tuples(st.floats(0.05, 0.95), st.floats(0.05, 0.95)),
+    answers=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_two_thought_exact_enumeration_matches_monte_carlo(mu, answers, seed):
     mu = np.array(mu)
     exact = cf.two_thought_exact_variance(mu, answers, eps=1e-4)[0]
     estimate = monte_carlo_variance(mu, answers, 40_000, seed=seed, level=0.999)
     assert abs(exact - estimate.mean) <= estimate.mean_half_width + 1e-12
+
+
+@MONTE_CARLO
+@given(
+    thoughts=st.integers(3, 4),
+    answers=st.integers(1, 6),
+    ratio=st.floats(0.5, 4.0),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_enumeration_matches_monte_carlo_through_the_trainer(thoughts, answers, ratio, seed):
+    """Each thought's exact variance (written out in numpy) lies in the 99.9% interval of Monte Carlo through
+    `grpo_ma.ma_advantages`, at small M where ties and all-equal groups are frequent."""
+    mu = cf.beta_thought_values(thoughts, ratio, draw="random", rng=np.random.default_rng(seed))
+    exact = cf.bernoulli_exact_variance(mu, answers, eps=1e-4)
+    estimate = monte_carlo_variance(mu, answers, 20_000, seed=seed, level=0.999)
+    assert (np.abs(exact - estimate.per_thought) <= estimate.per_thought_half_width + 1e-12).all()
 
 
 def test_interval_covers_a_known_variance():
@@ -206,8 +337,12 @@ def test_token_cost_counts_each_thought_once_and_every_answer():
 
 
 @FAST
-@given(budget=st.integers(800, 20_000), thought_len=st.integers(10, 400), answer_len=st.integers(5, 200),
-       ratio=st.floats(0.25, 8.0))
+@given(
+    budget=st.integers(800, 20_000),
+    thought_len=st.integers(10, 400),
+    answer_len=st.integers(5, 200),
+    ratio=st.floats(0.25, 8.0),
+)
 def test_best_allocation_fits_and_beats_every_other_fitting_tree(budget, thought_len, answer_len, ratio):
     assume(bd.token_cost(3, 1, thought_len, answer_len) <= budget)
     best = bd.best_allocation(budget, thought_len, answer_len, ratio, max_thoughts=64)
@@ -218,17 +353,45 @@ def test_best_allocation_fits_and_beats_every_other_fitting_tree(budget, thought
 
 
 def test_budget_command_prints_a_tree():
-    out = subprocess.run([sys.executable, "-m", "theory", "budget", "--budget", "2048", "--thought-len", "200",
-                          "--answer-len", "50", "--ratio", "1.0"], capture_output=True, text=True, check=True,
-                         cwd=REPO).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "theory",
+            "budget",
+            "--budget",
+            "2048",
+            "--thought-len",
+            "200",
+            "--answer-len",
+            "50",
+            "--ratio",
+            "1.0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
     best = bd.best_allocation(2048, 200, 50, 1.0)
     assert f"best: {best.name}" in out
 
 
+def test_python_m_theory_fast_passes_every_check(capsys):
+    """`python -m theory --fast`: every claim of theory/README.md, with the thresholds the README states."""
+    status = theory_main(["--fast"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "FAIL" not in out
+    rows = [line for line in out.splitlines() if line.endswith("| PASS")]
+    assert f"{len(rows)}/{len(rows)} checks passed" in out
+
+
 @pytest.mark.slow
 def test_python_m_theory_passes_every_check():
-    result = subprocess.run([sys.executable, "-m", "theory"], capture_output=True, text=True, timeout=300,
-                            cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "theory"], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
 
@@ -236,6 +399,7 @@ def test_python_m_theory_passes_every_check():
 @pytest.mark.slow
 def test_variance_figures_fast_mode_writes_every_file(tmp_path):
     from paper_figures import variance
+
     variance.main(fast=True, out_dir=tmp_path / "out", results_dir=tmp_path / "results")
     for name in ("variance_vs_m", "variance_vs_k", "budget_heatmap"):
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0

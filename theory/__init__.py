@@ -1,16 +1,32 @@
-"""Theory toolkit for GRPO-MA (SPEC §3): how noisy is the thought advantage, and what buys it down?
+"""Theory toolkit for GRPO-MA: how noisy is the thought advantage, and what buys it down?
 
-    closed_form   the delta method: the SPEC's leading-order variance, a second-order finite-M formula,
-                  the exact K = 2 case, the K -> oo floors
+theory/README.md states the claims (numbered 1-6) that these modules derive and check.
+
+    closed_form   the delta method: the leading-order variance, a second-order finite-M formula,
+                  exact enumeration for Bernoulli answers (K = 2 and small K, M), the K -> oo floors
     symbolic      sympy: the gradient of the standardized advantage against the closed form, the limits
     monte_carlo   simulated prompts through the trainer's own `grpo_ma.ma_advantages`
     budget        which T{K}A{M} minimises the thought-advantage variance for a token budget
-    checks        SPEC §3 claims 1-6 as named checks
+    checks        claims 1-6 as named checks
 
-`python -m theory` runs the checks; `python -m theory budget --help` answers the budget question.
+`python -m theory` runs the checks (`--fast`: a smaller setting, for CI); `python -m theory budget --help`
+answers the budget question.
 """
-from theory.closed_form import (beta_thought_values, finite_m_variance, inflated_std_variance,
-                                leading_order_variance, two_thought_exact_variance)
 
-__all__ = ["beta_thought_values", "finite_m_variance", "inflated_std_variance", "leading_order_variance",
-           "two_thought_exact_variance"]
+from theory.closed_form import (
+    bernoulli_exact_variance,
+    beta_thought_values,
+    finite_m_variance,
+    inflated_std_variance,
+    leading_order_variance,
+    two_thought_exact_variance,
+)
+
+__all__ = [
+    "bernoulli_exact_variance",
+    "beta_thought_values",
+    "finite_m_variance",
+    "inflated_std_variance",
+    "leading_order_variance",
+    "two_thought_exact_variance",
+]
