@@ -1109,6 +1109,8 @@ def open_run_folder(cfg: Config, out: Path) -> dict | None:
             continue
         except Exception as error:  # a cut-off or corrupt file: torch raises several kinds
             print(f"warning: cannot read {out / name} ({str(error).splitlines()[0]})", file=sys.stderr)
+            if world()[0] == 0:  # set aside, so the next save keeps the readable one as the fallback
+                os.replace(out / name, out / f"{name}.unreadable")
     else:
         raise ValueError(f"--resume: {out} holds no readable checkpoint")
     saved = payload["config"]
@@ -1164,11 +1166,11 @@ def save_final(run: Setup, cfg: Config, out: Path) -> None:
 
 def frozen_reference(policy, out: Path, device: torch.device):
     """The KL reference: a frozen copy of the start policy read back from OUT/reference.pt, so a resumed run
-    still compares with the start, not with its last checkpoint."""
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_config(policy.config).to(device=device, dtype=policy.dtype)
+    still compares with the start, not with its last checkpoint. (A copy, not a new model: building one
+    would draw its random initialisation from the RNG the run's sampling continues from.)"""
+    reference = copy.deepcopy(policy)
     reference.load_state_dict(torch.load(out / "reference.pt", map_location=device))
+    reference.zero_grad(set_to_none=True)  # the copy of the warm-up's last gradients is not needed
     return reference.eval().requires_grad_(False)
 
 

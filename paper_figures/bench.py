@@ -1,8 +1,9 @@
 """Cost of the GRPO-MA update: the tree update of grpo_ma.py against the flat one-row-per-answer update.
 
-    python -m paper_figures.bench                  # the full setting (about 15 min on a 2-core CPU)
+    python -m paper_figures.bench                  # the full setting (27 min on a shared 2-core CPU)
     python -m paper_figures.bench --fast           # shorter lengths, fewer repetitions, a short warm-up
     python -m paper_figures.bench --device cuda    # on a CUDA machine: bf16 autocast, CUDA peak memory
+    python -m paper_figures.bench --redraw         # bench.md and the figure again from bench.json
 
 Writes RESULTS/bench.json (every number with its settings), RESULTS/bench.md (the tables) and OUT/bench.png
 and .pdf. A run on one device replaces that device's block of bench.json and keeps the other's.
@@ -26,6 +27,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
@@ -71,7 +73,12 @@ TINY = dict(
     max_position_embeddings=256,
     pad_token_id=0,
 )
-MODELS = ("embedded", "qwen2.5-0.5b", "qwen2.5-0.5b-2layers", "tiny")
+MODELS = {
+    "embedded": "grpo_ma's embedded default Qwen2",
+    "qwen2.5-0.5b": "Qwen2.5-0.5B's exact config, random weights",
+    "qwen2.5-0.5b-2layers": "Qwen2.5-0.5B's config with 2 layers, full vocabulary, random weights",
+    "tiny": "a tiny Qwen2 (the tests)",
+}
 ADAMW_LR = 5e-5  # grpo_ma.Config's lr; the update never steps, the optimizer is there for its state
 RESULT_PREFIX = "BENCH_RESULT "
 KIB = 1024
@@ -212,7 +219,7 @@ def build_model(name: str, seed: int = 0):
     elif name == "qwen2.5-0.5b-2layers":
         config = Qwen2Config(**(QWEN05 | {"num_hidden_layers": 2}))
     else:
-        raise ValueError(f"unknown model {name!r}; known: {MODELS}")
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     return Qwen2ForCausalLM(config), config.vocab_size, config.pad_token_id
 
 
@@ -241,9 +248,16 @@ def synthetic_tree(
     return tree, thought_adv, answer_adv
 
 
-def loss_config(k: int, m: int, prompts: int, micro_batch: int) -> G.Config:
-    """grpo_ma's defaults (token mean, beta 0.04, temperature 1, mu = 1) for this tree."""
-    return G.Config(thoughts=k, answers=m, prompts_per_step=prompts, micro_batch=micro_batch)
+def loss_config(k: int, m: int, prompts: int, micro_batch: int, lengths: tuple[int, int, int]) -> G.Config:
+    """grpo_ma's defaults (token mean, beta 0.04, temperature 1, mu = 1) for this tree, whose lengths are
+    the budgets."""
+    budgets = dict(max_thought_tokens=lengths[1], max_answer_tokens=lengths[2])
+    return G.Config(thoughts=k, answers=m, prompts_per_step=prompts, micro_batch=micro_batch, **budgets)
+
+
+def step_weights(tree: G.Tree, cfg: G.Config):
+    """The loss weights as train_step computes them (every answer counted: no answer is truncated here)."""
+    return G.loss_weights(tree, cfg.loss_agg, None, cfg.max_thought_tokens + cfg.max_answer_tokens)
 
 
 def uniform_reference(n: int, vocab: int, device) -> torch.Tensor:
@@ -257,7 +271,7 @@ def uniform_reference(n: int, vocab: int, device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 def tree_batches(tree: G.Tree, thought_adv, answer_adv, cfg: G.Config, pad_id: int, device):
     """train_step's micro-batches: weights over the whole step, then one TreeBatch per micro-batch."""
-    weights = G.loss_weights(tree, cfg.loss_agg)
+    weights = step_weights(tree, cfg)
     parts = G.group_rows(tree.thought_slots(), cfg.micro_batch or len(tree.thought_slots()))
     return [
         G.build_tree_batch(tree, part, thought_adv, answer_adv, weights, pad_id, device) for part in parts
@@ -296,8 +310,8 @@ class FlatBatch:
     weights: torch.Tensor  # (N,)
 
 
-def flat_batch(tree: G.Tree, thought_adv, answer_adv, how: str, pad_id: int, device) -> FlatBatch:
-    thought_weights, answer_weights = G.loss_weights(tree, how)
+def flat_batch(tree: G.Tree, thought_adv, answer_adv, cfg: G.Config, pad_id: int, device) -> FlatBatch:
+    thought_weights, answer_weights = step_weights(tree, cfg)
     answers = tree.answer_slots()
     row_of = {slot: i for i, slot in enumerate(answers)}
     rows = [tree.prefix(p, k) + tree.answer_ids[p][k][m] for p, k, m in answers]
@@ -382,23 +396,24 @@ def measure_update(spec: dict) -> dict:
     """Build the model, its AdamW state and the inputs, then time `warmup_reps + reps` updates (forward and
     backward over the whole step; batch building, reference and optimizer.step excluded) and record the
     peak memory of the updates. Returns the numbers and the log-probs for the flat/tree agreement check."""
-    rss_at_start = proc_status_kib("VmRSS")  # torch and transformers imported, nothing built yet
+    # torch is imported, nothing is built yet (transformers is imported with the model)
+    rss_at_start = proc_status_kib("VmRSS")
     device = torch.device(spec["device"])
     torch.set_num_threads(spec.get("threads") or len(os.sched_getaffinity(0)))
     model, vocab, pad_id = build_model(spec["model"], spec.get("seed", 0))
     model.to(device).train()
     parameters = sum(p.numel() for p in model.parameters())
     checkpointing = spec["path"] == "flat" and spec["checkpointing"]
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    if checkpointing:  # transformers >= 5 names gradient_checkpointing_enable so; the older name warns
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(model.parameters(), lr=ADAMW_LR, weight_decay=0.0)
     materialise_adamw_state(optimizer)
     k, m, prompts = spec["k"], spec["m"], spec["prompts"]
     lengths = (spec["prompt_len"], spec["thought_len"], spec["answer_len"])
     tree, thought_adv, answer_adv = synthetic_tree(prompts, k, m, lengths, vocab, pad_id, spec.get("seed", 0))
-    cfg = loss_config(k, m, prompts, spec["micro_batch"])
+    cfg = loss_config(k, m, prompts, spec["micro_batch"], lengths)
     if spec["path"] == "flat":
-        batch = flat_batch(tree, thought_adv, answer_adv, cfg.loss_agg, pad_id, device)
+        batch = flat_batch(tree, thought_adv, answer_adv, cfg, pad_id, device)
         forwarded = batch.ids.numel()
         lm_head_rows = forwarded
 
@@ -862,6 +877,7 @@ def machine(device: torch.device, threads: int) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_average_at_start": os.getloadavg(),
+        "grpo_ma_sha256": hashlib.sha256(Path(G.__file__).read_bytes()).hexdigest()[:16],
     }
 
 
@@ -956,6 +972,10 @@ def cell_seconds(result: dict | None, key: str = "seconds") -> str:
     return "failed" if "error" in result else num(result[key], 3)
 
 
+def count(result: dict | None, key: str) -> str:
+    return "–" if not result or "error" in result else f"{result[key]:,}"
+
+
 def mb_name(micro_batch: int) -> str:
     return "all" if micro_batch == 0 else str(micro_batch)
 
@@ -970,7 +990,8 @@ def render_update(block: dict, device_type: str) -> list[str]:
         lengths = length_text(setting)
         ckpt = "on" if setting["flat_checkpointing"] else "off"
         lines += [
-            f"### {setting['name']}: {setting['model']}" + (f" ({params:,} parameters)" if params else ""),
+            f"### {setting['name']}: {MODELS.get(setting['model'], setting['model'])}"
+            + (f" ({params:,} parameters)" if params else ""),
             "",
             f"Lengths (tokens, every rollout at its budget): {lengths}; {setting['prompts']} prompt(s) "
             "per step; "
@@ -1000,12 +1021,13 @@ def render_update(block: dict, device_type: str) -> list[str]:
                     gib(peak_bytes(tree, device_type)),
                     gib(peak_bytes(flat, device_type, True)),
                     gib(peak_bytes(tree, device_type, True)),
+                    f"{count(flat, 'lm_head_rows')} / {count(tree, 'lm_head_rows')}",
                     agree,
                 ]
             )
         header = ["config", "tree micro-batch", "flat s", "tree s", "tree / flat", "flat CPU s", "tree CPU s"]
         header += ["flat peak GiB", "tree peak GiB", "flat peak − before GiB", "tree peak − before GiB"]
-        lines += table(header + ["flat vs tree max rel. diff"], body) + [""]
+        lines += table(header + ["LM-head rows flat / tree", "flat vs tree max rel. diff"], body) + [""]
         errors = [
             f"{r['config']} {p}: {r[p]['error']}"
             for r in rows
@@ -1050,7 +1072,7 @@ def render_sweep(block: dict, device_type: str) -> list[str]:
     if not sweep:
         return ["Not run.", ""]
     lines = [
-        f"{sweep['model']} (the 0.5B config with 2 layers, full vocabulary), "
+        f"{sweep['model']} ({MODELS.get(sweep['model'], sweep['model'])}), "
         f"T{sweep['config'][0]}A{sweep['config'][1]}, lengths {length_text(sweep)}; tree at micro-batch "
         f"{sweep['tree_micro_batch']}, flat all rows in one batch (gradient checkpointing "
         f"{'on' if sweep['flat_checkpointing'] else 'off'}), flat run for {sweep['flat_prompts']} prompt(s) "
@@ -1114,6 +1136,7 @@ def render_formula(block: dict) -> list[str]:
                 gib(r["process_start_bytes"]),
                 num(r["measured_over_formula"]),
                 num(r["measured_minus_start_over_formula"]),
+                gib(r["measured_peak_bytes"] - r["process_start_bytes"] - r["total_bytes"]),
             ]
         )
     header = ["setting", "config", "prompts", "state GiB", "logits GiB", "chunk GiB", "formula GiB"]
@@ -1122,8 +1145,21 @@ def render_formula(block: dict) -> list[str]:
         "process at start GiB",
         "measured / formula",
         "(measured − start) / formula",
+        "measured − start − formula GiB",
     ]
-    return lines + table(header, body) + [""]
+    dense = QWEN05["vocab_size"] * QWEN05["hidden_size"] * 4
+    notes = [
+        "",
+        "What the formula leaves out (the last column is their sum; this bench does not split it): the "
+        "activations kept for the backward; the "
+        "dense float32 gradient contributions of a tied embedding, which each backward makes before adding "
+        f"them to the accumulated gradient (at the 0.5B vocabulary and width one is {dense / GIB:.2f} GiB: "
+        "one from the LM head and one per embedding lookup, of which tree_logprobs makes two per "
+        "micro-batch); the further copies of the logits in tree_logprobs (repeat_interleave, cat and boolean "
+        "indexing of the answer logits, indexing of the thought logits) and their gradients; and, on the "
+        "CPU, the pages the allocator keeps after a free.",
+    ]
+    return lines + table(header, body) + notes + [""]
 
 
 def render_headline(block: dict) -> list[str]:
@@ -1141,12 +1177,12 @@ def render_headline(block: dict) -> list[str]:
         verdict = "not measured" if check["met"] is None else ("met" if check["met"] else "MISSED")
         target = check["target"].replace("2.4e+10", "24 GB")
         body.append([names[name], shown, target, verdict])
-    lines = table(["figure", "measured", "target", ""], body) + [""]
+    lines = table(["figure", "measured", "target", "verdict"], body) + [""]
     lines.append(
         "CPU-second ratios (contention-robust, one torch thread): tree update T4A4 / T16A1 "
         f"{num(values['embedded_update_t4a4_over_t16a1_cpu_seconds'], 3)}, whole step "
         f"{num(values['embedded_whole_step_t4a4_over_t16a1_cpu_seconds'], 3)}; flat update T4A4 / T16A1 "
-        f"{num(values['embedded_flat_update_t4a4_over_t16a1'], 3)} (wall)."
+        f"{num(values['embedded_flat_update_t4a4_over_t16a1'], 3)} (wall s; the same rows: 16 per prompt)."
     )
     return lines + [""]
 
@@ -1161,7 +1197,8 @@ def render_block(block: dict, device_type: str) -> list[str]:
         f"{m['memory_gib']} GiB memory; torch {m['torch']} with {m['torch_threads']} thread(s) per "
         "measurement, "
         f"transformers {m['transformers']}, Python {m['python']}, {m['platform']}. Load average at the start "
-        f"{m['load_average_at_start'][0]:.1f} (the machine was shared; every measurement records its own).",
+        f"{m['load_average_at_start'][0]:.1f} (the machine was shared; every measurement records its own). "
+        f"grpo_ma.py sha256 {m.get('grpo_ma_sha256', '–')}.",
         "",
     ]
     agree = block["agreement_ok"]
@@ -1211,7 +1248,7 @@ METHOD = """\
   are built; then the peak RSS is reset to the current RSS (`/proc/self/clear_refs`, so the construction's
   own peak does not count), the resident size just before the update is read (VmRSS), the updates run, and
   the peak is `resource.getrusage(RUSAGE_SELF).ru_maxrss` (KiB on Linux). Reported: the absolute peak (it
-  includes the Python process with torch and transformers, `process at start`) and the peak minus the
+  includes the Python process with torch loaded, `process at start`) and the peak minus the
   resident size just before the update (gradients are made by the update, as `zero_grad(set_to_none=True)`
   leaves them).
 - **Peak memory, CUDA**: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus
@@ -1260,10 +1297,10 @@ def draw(block: dict, out_dir: Path, device_type: str) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, names in zip(axes[:2], (("embedded",), ("qwen2.5-0.5b", "qwen2.5-0.5b-gsm8k"))):
         rows = [r for r in block["update"] if r["setting"] in names]
-        labels = [
-            f"{r['config']}\n{r['setting'].replace('qwen2.5-', '')}, mb {mb_name(r['tree_micro_batch'])}"
-            for r in rows
-        ]
+        shown = [s for s in block["plan"]["settings"] if s["name"] in names]
+        labels = [f"{r['config']}\nmicro-batch {mb_name(r['tree_micro_batch'])}" for r in rows]
+        if len(shown) > 1:
+            labels = [f"{t}\n{r['setting']}" for t, r in zip(labels, rows)]
         flat = [r["flat"]["seconds"] if r["flat"] and "error" not in r["flat"] else 0.0 for r in rows]
         tree = [r["tree"]["seconds"] if r["tree"] and "error" not in r["tree"] else 0.0 for r in rows]
         x = range(len(rows))
@@ -1271,7 +1308,12 @@ def draw(block: dict, out_dir: Path, device_type: str) -> str:
         ax.bar([i + 0.2 for i in x], tree, width=0.4, color="C0", label="tree (grpo_ma)")
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_ylabel("update seconds (forward + backward)")
-        ax.set_title(f"{' / '.join(names)} ({block['machine']['device']})", fontsize=9)
+        title = "; ".join(
+            f"{s['name']}: {s['prompts']} prompt(s), lengths {s['prompt_len']}/{s['thought_len']}/"
+            f"{s['answer_len']}"
+            for s in shown
+        )
+        ax.set_title(f"{title} ({block['machine']['device']})", fontsize=8)
         ax.legend(fontsize=7)
     ax = axes[2]
     for path, color in (("tree", "C0"), ("flat", "C3")):
@@ -1280,14 +1322,19 @@ def draw(block: dict, out_dir: Path, device_type: str) -> str:
         if points:
             name = "tree, micro-batch 1" if path == "tree" else "flat, one batch"
             ax.plot(*zip(*points), "o-", color=color, label=name)
+            ax.legend(fontsize=7)
     ax.set_xlabel("prompts per step")
     ax.set_ylabel("peak update memory (GiB)")
     ax.set_xscale("log", base=2)
+    prompts = [r["prompts"] for r in block["memory_sweep"]]
+    ax.set_xticks(prompts, [str(p) for p in prompts])
     ax.set_ylim(bottom=0)
     sweep = block["plan"]["sweep"]
     if sweep:
-        ax.set_title(f"{sweep['model']}, T{sweep['config'][0]}A{sweep['config'][1]}", fontsize=9)
-    ax.legend(fontsize=7)
+        lengths = f"{sweep['prompt_len']}/{sweep['thought_len']}/{sweep['answer_len']}"
+        ax.set_title(
+            f"{sweep['model']}, T{sweep['config'][0]}A{sweep['config'][1]}, lengths {lengths}", fontsize=8
+        )
     fig.text(
         0.5,
         -0.03,
@@ -1322,6 +1369,21 @@ def write_results(block: dict, device_type: str, results_dir: Path, out_dir: Pat
     return results
 
 
+def redraw(device_type: str, results_dir: Path, out_dir: Path) -> dict:
+    """bench.md and the figure again from bench.json, nothing measured."""
+    path = results_dir / "bench.json"
+    if not path.exists():
+        raise SystemExit(f"error: --redraw needs {path}; run the bench first")
+    results = json.loads(path.read_text())
+    block = results["devices"].get(device_type)
+    if block is None:
+        raise SystemExit(f"error: {path} holds no {device_type} block")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "bench.md").write_text(render_markdown(results))
+    draw(block, out_dir, device_type)
+    return block
+
+
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
@@ -1352,6 +1414,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--gsm8k", action="store_true", help="add the 0.5B tree update at micro-batch 1 at GSM8K-like lengths"
     )
+    parser.add_argument(
+        "--redraw", action="store_true", help="rewrite bench.md and the figure from bench.json"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1361,6 +1426,8 @@ def main(argv=None) -> dict | None:
     if args.child:  # a measurement child process started by run_isolated
         child_main(*args.child)
         return None
+    if args.redraw:
+        return redraw(args.device, Path(args.results_dir), Path(args.out_dir))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
     plan = PLANS["fast" if args.fast else "full"]

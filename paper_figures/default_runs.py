@@ -5,8 +5,6 @@ GRPO-MA and the wall-clock time of each run. Writes RESULTS/default_runs.{json,m
     python -m paper_figures.default_runs --rerun    # trains again (paper_figures/README.md gives the time)
 """
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import io
@@ -29,9 +27,10 @@ def run_seed(seed: int, runs_dir: Path, rerun: bool, quiet: bool = False) -> dic
     finished = (out / "summary.json").exists() and (out / "config.json").exists()
     if finished and not rerun:
         saved = json.loads((out / "config.json").read_text())
-        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
-        if {k: v for k, v in saved.items() if k != "out"} == wanted:
+        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")}
+        if {k: v for k, v in saved.items() if k not in ("out", "overwrite")} == wanted:
             return json.loads((out / "summary.json").read_text())
+    cfg = dataclasses.replace(cfg, overwrite=True)  # a stale or different run in the folder is replaced
     if not quiet:
         return grpo_ma.train(cfg)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

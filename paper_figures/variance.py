@@ -3,7 +3,8 @@
 Writes to out_dir (PNG and PDF):
     variance_vs_m      Var[A_k] against M for several K: Monte Carlo (99.9% intervals), leading order,
                        finite-M
-    variance_vs_k      Var[A_k] against K for several M, with the two floors (claims 4, 5 of theory/checks.py)
+    variance_vs_k      Var[A_k] against K for several M, with the two floors (claims 4 and 5 in
+                       theory/README.md)
     budget_heatmap     finite-M Var[A_k] over (K, M), with iso-token-cost lines and the best tree per budget
 and every plotted number to results_dir/variance.json.
 

@@ -1,9 +1,9 @@
 """Property tests of `grpo_ma.ma_advantages` (the equations are in its docstring): each test name states the
 property, hypothesis draws the rewards. Rewards have shape (P prompts, K thoughts, M answers).
 
-Rewards are drawn from realistic ranges: 0/1 correctness, floats up to |r| = 1e6, integer patterns times 10^e
-for e in [-8, 6], and tiny spans (groups whose values differ by ~1e-8 around an offset). Rewards beyond 1e150
-are refused (their squares would overflow), and a test checks that."""
+Rewards are drawn from realistic ranges: 0/1 correctness, floats with 1e-8 <= |r| <= 1e6 (or 0), integer
+patterns times 10^e for e in [-8, 6], and tiny spans (groups whose values differ by ~1e-8 around an offset).
+Rewards beyond 1e150 are refused (their squares would overflow), and a test checks that."""
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ import grpo_ma
 
 EPS = 1e-4
 LARGEST_REWARD = 1e6
+SMALLEST_REWARD = 1e-8
 FAST = settings(max_examples=60, deadline=None)
 
 
@@ -53,11 +54,18 @@ def tiny_span_rewards(draw):
     return torch.from_numpy(offset + pattern * 1e-8)
 
 
+def realistic_magnitude(value: float) -> bool:
+    """0, or |r| between 1e-8 and 1e6: no reward is 1e-300 (whose square would underflow to 0)."""
+    return value == 0 or SMALLEST_REWARD <= abs(value) <= LARGEST_REWARD
+
+
 @st.composite
 def float_rewards(draw, dtype=np.float64):
-    """Any floats with |r| <= 1e6 (hypothesis favours the ends, 0 and tiny values)."""
+    """Any floats with 1e-8 <= |r| <= 1e6 or r = 0 (hypothesis favours the ends and 0)."""
     width = 64 if dtype == np.float64 else 32
-    elements = st.floats(-LARGEST_REWARD, LARGEST_REWARD, allow_nan=False, width=width)
+    elements = st.floats(-LARGEST_REWARD, LARGEST_REWARD, allow_nan=False, width=width).filter(
+        realistic_magnitude
+    )
     return torch.from_numpy(draw(hnp.arrays(dtype, draw(shapes()), elements=elements)))
 
 

@@ -167,9 +167,12 @@ def test_m1_token_mean_loss_equals_grpo_token_mean(tokenizer):
 
 
 def test_constant_rewards_give_exact_zero_advantages_and_no_nan():
-    for value in (0.0, 1.0, 0.1, -3.7, 1e30):
-        thought_adv, answer_adv = G.ma_advantages(torch.full((2, 4, 3), value))
-        assert torch.equal(thought_adv, torch.zeros(2, 4)) and torch.equal(answer_adv, torch.zeros(2, 4, 3))
+    # 28 copies of 6.888437030500963 have a float64 mean that differs from it by 2e-15: no residue / eps
+    cases = [((2, 4, 3), value) for value in (0.0, 1.0, 0.1, -3.7, 1e30)] + [((1, 7, 4), 6.888437030500963)]
+    for shape, value in cases:
+        thought_adv, answer_adv = G.ma_advantages(torch.full(shape, value, dtype=torch.float64))
+        assert torch.equal(thought_adv, torch.zeros(shape[:2], dtype=torch.float64))
+        assert torch.equal(answer_adv, torch.zeros(shape, dtype=torch.float64))
     thought_adv, answer_adv = G.ma_advantages(torch.ones(1, 4, 3), answer_pool="thought")
     assert not thought_adv.isnan().any() and torch.equal(answer_adv, torch.zeros(1, 4, 3))
 

@@ -175,6 +175,14 @@ def test_clip_counts_name_ratios_outside_the_range_and_those_where_the_clip_bind
     assert sums["tokens"] == len(SURROGATE)
 
 
+def test_loss_clips_with_epsilon_below_and_epsilon_high_above():
+    ratios, advantages, expected = (torch.tensor([row[i] for row in SURROGATE]) for i in range(3))
+    cfg = G.Config(epsilon=0.1, epsilon_high=0.3)
+    weights = torch.full((len(SURROGATE),), 0.5)
+    loss, _ = G.grpo_ma_loss(ratios.log(), torch.zeros(len(SURROGATE)), None, advantages, weights, 0.0, cfg)
+    assert loss.item() == pytest.approx(0.5 * expected.sum().item(), rel=1e-6)
+
+
 def test_clipped_surrogate_gradient_is_zero_exactly_where_the_clip_binds():
     ratios, advantages = (torch.tensor([row[i] for row in SURROGATE]) for i in range(2))
     logps = ratios.log().requires_grad_()
@@ -202,9 +210,10 @@ def in_batch_order(tree, slots, thoughts, answers):
     return values + [v for p, k in slots for values_m in answers[p][k] for v in values_m]
 
 
-def weighted_sum(tree, how, thoughts, answers, micro_batch):
-    weights = G.loss_weights(tree, how)
-    zeros = torch.zeros(2, 3, 2)
+def weighted_sum(tree, how, thoughts, answers, micro_batch, counted=None, max_length=1):
+    weights = G.loss_weights(tree, how, counted, max_length)
+    shape = (len(tree.thought_ids), len(tree.thought_ids[0]), len(tree.answer_ids[0][0]))
+    zeros = torch.zeros(shape)
     total = 0.0
     slots = tree.thought_slots()
     for part in G.group_rows(slots, micro_batch or len(slots)):
@@ -233,6 +242,65 @@ def test_sequence_weights_give_mean_of_thought_means_plus_mean_of_answer_means(t
     answer_means = [sum(v) / len(v) for by_p in answers for by_k in by_p for v in by_k]
     expected = sum(thought_means) / len(thought_means) + sum(answer_means) / len(answer_means)
     assert weighted_sum(tree, "sequence", thoughts, answers, micro_batch) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 0])
+def test_grpo_weights_at_m1_give_the_mean_of_each_completions_token_mean(tokenizer, micro_batch):
+    """TRL's "grpo" loss: each completion (thought + answer) is a sequence; the mean of their token means."""
+    tree = ragged_tree(tokenizer, 2, 3, 1, seed=7)
+    thoughts, answers = per_token_values(tree)
+    means = [
+        (sum(thoughts[p][k]) + sum(answers[p][k][0])) / (len(thoughts[p][k]) + len(answers[p][k][0]))
+        for p, k in tree.thought_slots()
+    ]
+    expected = sum(means) / len(means)
+    assert weighted_sum(tree, "grpo", thoughts, answers, micro_batch) == pytest.approx(expected, rel=1e-6)
+
+
+def test_grpo_weights_split_each_thoughts_share_among_its_paths(tokenizer):
+    """With M answers, path m of thought k is the sequence thought + answer m, weighing 1 / (N * its length);
+    the thought's tokens, counted once, carry 1 / M of each path's weight."""
+    tree = ragged_tree(tokenizer, 2, 3, 2, seed=8)
+    thoughts, answers = per_token_values(tree)
+    n = len(tree.answer_slots())
+    expected = 0.0
+    for p, k, m in tree.answer_slots():
+        length = len(thoughts[p][k]) + len(answers[p][k][m])
+        expected += (sum(answers[p][k][m]) + sum(thoughts[p][k]) / 2) / (n * length)
+    assert weighted_sum(tree, "grpo", thoughts, answers, 0) == pytest.approx(expected, rel=1e-6)
+
+
+def test_dr_grpo_weights_divide_the_token_sum_by_answers_times_the_longest_possible_path(tokenizer):
+    tree = ragged_tree(tokenizer, 2, 3, 2, seed=9)
+    thoughts, answers = per_token_values(tree)
+    values = [v for by_p in thoughts for by_k in by_p for v in by_k]
+    values += [v for by_p in answers for by_k in by_p for by_m in by_k for v in by_m]
+    expected = sum(values) / (len(tree.answer_slots()) * 50)
+    got = weighted_sum(tree, "dr_grpo", thoughts, answers, 1, max_length=50)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+COUNTED = [[[True, False], [False, False], [True, True]], [[False, True], [True, True], [True, False]]]
+
+
+def test_masked_answers_leave_the_token_mean(tokenizer):
+    tree = ragged_tree(tokenizer, 2, 3, 2)
+    thoughts, answers = per_token_values(tree)
+    values = [v for by_p in thoughts for by_k in by_p for v in by_k]
+    values += [v for p, k, m in tree.answer_slots() if COUNTED[p][k][m] for v in answers[p][k][m]]
+    expected = sum(values) / len(values)
+    got = weighted_sum(tree, "token", thoughts, answers, 1, counted=COUNTED)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_masked_answers_leave_the_mean_of_answer_means(tokenizer):
+    tree = ragged_tree(tokenizer, 2, 3, 2)
+    thoughts, answers = per_token_values(tree)
+    thought_means = [sum(v) / len(v) for by_p in thoughts for v in by_p if v]
+    kept = [answers[p][k][m] for p, k, m in tree.answer_slots() if COUNTED[p][k][m]]
+    expected = sum(thought_means) / len(thought_means) + sum(sum(v) / len(v) for v in kept) / len(kept)
+    got = weighted_sum(tree, "sequence", thoughts, answers, 0, counted=COUNTED)
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_thought_tokens_carry_the_thought_advantage_and_answer_tokens_their_own(tokenizer):

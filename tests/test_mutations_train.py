@@ -190,6 +190,30 @@ def test_step_with_reference_adds_the_kl_to_its_policy(monkeypatch):
     assert record["beta"] == 0.5 and record["kl"] > 0
 
 
+def test_masked_step_gives_answers_that_ran_out_of_budget_no_weight(monkeypatch):
+    """--mask-truncated: an answer that neither wrote </answer> nor eos weighs 0; every other token keeps a
+    weight, and the token weights of the step still sum to 1."""
+    cfg = small_config(mask_truncated=True, max_answer_tokens=20, micro_batch=2)
+    run, optimizer = start(cfg)
+    spy = Spy(monkeypatch)
+    G.train_step(1, run, optimizer, G.RunState(), None, cfg)
+    eos = run.tokenizer.eos_token_id
+    seen, total = set(), 0.0
+    for tree, slots, batch in spy.batches:
+        offset = sum(len(tree.thought_ids[p][k]) for p, k in slots)
+        assert (batch.weights[:offset] > 0).all()
+        for p, k in slots:
+            for ids in tree.answer_ids[p][k]:
+                truncated = eos not in ids and G.ANSWER_CLOSE not in run.tokenizer.decode(ids)
+                share = batch.weights[offset : offset + len(ids)]
+                assert (share == 0).all() if truncated else (share > 0).all()
+                seen.add(truncated)
+                offset += len(ids)
+        total += batch.weights.sum().item()
+    assert seen == {True, False}
+    assert total == pytest.approx(1.0, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # the supervised warm-up
 # ------------------------------------------------------------------------------------------------

@@ -161,7 +161,9 @@ def test_second_run_killed_in_its_warm_up_never_adopts_the_first_runs_checkpoint
         with pytest.raises(KeyboardInterrupt):
             G.main(tiny_args(folder, *EVERY_STEP, "--overwrite", "--seed", "1"))
     assert not any((folder / name).exists() for name in G.CHECKPOINTS)
+    assert not any((folder / name).exists() for name in ("reference.pt", "summary.json", "final"))
     assert json.loads((folder / "config.json").read_text())["seed"] == 1
+    assert (folder / "metrics.jsonl").read_text() == ""
     for settings in (["--seed", "1"], []):  # the second run's settings, and the first run's
         line = refused(tiny_args(folder, *EVERY_STEP, "--resume", *settings), capsys)
         assert "no readable checkpoint" in line
@@ -264,6 +266,14 @@ def test_malformed_metrics_line_is_reported_with_file_and_line_number(finished_r
     line = refused(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "3"), capsys)
     assert f"{folder / 'metrics.jsonl'}:2" in line
     assert snapshot(folder) == before
+
+
+def test_metrics_line_of_another_step_is_reported_with_file_and_line_number(finished_run, tmp_path, capsys):
+    folder = copy_of(finished_run, tmp_path)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    (folder / "metrics.jsonl").write_text("\n".join([lines[0], lines[2], lines[2]]) + "\n")  # step 1 lost
+    line = refused(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "3"), capsys)
+    assert f"{folder / 'metrics.jsonl'}:2" in line and "expected step 1, found 2" in line
 
 
 @pytest.fixture(scope="module")

@@ -301,7 +301,8 @@ def finite_m_variance(
     averaged over the K thoughts, within 2.5/M^2 of the exact variance for K = 3..5, M >= 8, and within 1.5%
     of Monte Carlo for K = 4..64, M >= 8. Per thought it is worse at small K: at K = 4 the outer thoughts are
     5.0% low and the inner ones 2.9% high at M = 8 (12% and 10% at M = 4); per thought it is within 6/M^2 for
-    K = 3..5, M >= 8. At K <= 4 and M <= 2 it fails (tens of percent). (K,) -> (K,)."""
+    K = 3..5, M >= 8. At K = 3..5 and M <= 2 it fails (13-91% too high averaged over thoughts).
+    (K,) -> (K,)."""
     c1, c2 = variance_coefficients(mu, sigma2, kappa3, ddof=ddof)
     return finite_m_from_coefficients(mu, sigma2, c1, c2, answers, ddof=ddof, eps=eps)
 
