@@ -591,3 +591,25 @@ def test_real_checkpoint_loads_through_model_flag(tmp_path):
     assert_learned(tmp_path / "run")
     trained, _ = G.load_policy(G.Config(model=str(tmp_path / "run" / "final")), torch.device("cpu"))
     assert_same_tensors(trained.state_dict(), load_checkpoint(tmp_path / "run")["model"])
+
+
+def test_a_trained_policy_in_final_continues_training_through_model_flag(learning_runs, tmp_path):
+    """python grpo_ma.py --model OUT/final --warmup-steps 0 starts from the trained weights."""
+    final = learning_runs.straight / "final"
+    flags = [
+        "--thoughts",
+        "2",
+        "--answers",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--steps",
+        "1",
+        "--eval-size",
+        "4",
+    ]
+    flags += ["--warmup-steps", "0", "--model", str(final), "--out", str(tmp_path / "more")]
+    G.train(config_from_flags(flags), reward_fns=REWARDS)
+    start = torch.load(tmp_path / "more" / "reference.pt")
+    assert_same_tensors(start, load_checkpoint(learning_runs.straight)["model"])
+    assert_learned(tmp_path / "more")
