@@ -1395,16 +1395,14 @@ def parse_args(argv=None):
         "out_dir",
         "results_dir",
         "quiet",
-        helps={"fast": "shorter lengths, fewer repetitions and a short warm-up (a few minutes on a CPU)"},
+        "threads",
+        helps={
+            "fast": "shorter lengths, fewer repetitions and a short warm-up (a few minutes on a CPU)",
+            "threads": "torch threads per CPU measurement; on a shared CPU more threads spin and wait "
+            "(default: %(default)s; CUDA measurements use every core)",
+        },
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: %(default)s)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads per measurement; 0: 1 on the CPU (a shared CPU makes more threads spin and "
-        "wait), all on CUDA (default: %(default)s)",
-    )
     parser.add_argument(
         "--memory-cap-gib",
         type=float,
@@ -1433,7 +1431,7 @@ def main(argv=None) -> dict | None:
     plan = PLANS["fast" if args.fast else "full"]
     if args.gsm8k:
         plan = dataclasses.replace(plan, settings=plan.settings + (GSM8K_SETTING,))
-    threads = args.threads or (1 if args.device == "cpu" else len(os.sched_getaffinity(0)))
+    threads = args.threads if args.device == "cpu" else len(os.sched_getaffinity(0))
     command = " ".join(["python -m paper_figures.bench", shlex.join(sys.argv[1:] if argv is None else argv)])
     block = run_bench(plan, args.device, threads, args.memory_cap_gib, command.strip(), quiet=args.quiet)
     write_results(block, args.device, Path(args.results_dir), Path(args.out_dir))
