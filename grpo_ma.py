@@ -332,6 +332,7 @@ class Tree:
     answer_ids: list[list[list[list[int]]]]  # [P][K][M][tokens] sampled (to </answer>, eos or budget)
     thoughts: list[list[str]]  # [P][K] decoded thought text, including </think>
     answers: list[list[list[str]]]  # [P][K][M] decoded answer text
+    answer_ended: list = field(default_factory=list)  # [P][K][M] 'stop' (</answer>), 'eos' or 'budget'
 
     def thought_slots(self) -> list[tuple[int, int]]:
         """Every (p, k), prompt-major: the order of thoughts in generate() and in micro-batches."""
@@ -425,6 +426,7 @@ def sample_tree(model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sa
     answers = sample_continuations(model, tokenizer, prefixes, m, budget, ANSWER_CLOSE, cfg, do_sample)
     model.train(was_training)
     tree.answer_ids = group_rows(group_rows([ids for ids, _ in answers], m), k)
+    tree.answer_ended = group_rows(group_rows([ended for _, ended in answers], m), k)
     texts = tokenizer.batch_decode([s + f for s, f in zip(sampled, forced)], skip_special_tokens=True)
     tree.thoughts = group_rows(texts, k)
     texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)
@@ -808,7 +810,8 @@ METRIC_KEYS = (
     "answer_len", "truncated_frac", "tokens_generated", "rollout_seconds", "train_seconds",
     "eval_greedy_accuracy", "eval_sampled_accuracy",
 )  # fmt: skip
-RUN_FILES = ("config.json", "metrics.jsonl", "reference.pt", "summary.json", "final")
+RUN_FILES = ("config.json", "metrics.jsonl", "reference.pt", "summary.json")
+FINAL = "final"  # the trained policy, save_pretrained's folder
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")  # the newest first
 
 
@@ -1022,12 +1025,7 @@ def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg
     thought_adv, answer_adv = ma_advantages(scores["total"], **pool)  # (P, K), (P, K, M)
     counted = None
     if cfg.mask_truncated:  # leave out answers that reached their budget with neither </answer> nor eos
-        eos = [run.tokenizer.eos_token_id]
-        slots = tree.answer_slots()
-        ended = [
-            ANSWER_CLOSE in tree.answers[p][k][m] or tree.answer_ids[p][k][m][-1:] == eos for p, k, m in slots
-        ]
-        counted = group_rows(group_rows(ended, cfg.answers), cfg.thoughts)
+        counted = [[[ended != "budget" for ended in by_k] for by_k in by_p] for by_p in tree.answer_ended]
     weights = loss_weights(tree, cfg.loss_agg, counted, cfg.max_thought_tokens + cfg.max_answer_tokens)
     parts = group_rows(tree.thought_slots(), cfg.micro_batch or len(tree.thought_slots()))
     pad_id = run.tokenizer.pad_token_id
@@ -1084,7 +1082,7 @@ def open_run_folder(cfg: Config, out: Path) -> dict | None:
     files; --resume continues the run there and returns its newest readable checkpoint (a corrupt one falls
     back to the one before). The settings are compared with those the checkpoint itself recorded, so a
     second run that died before its first checkpoint can never adopt this one."""
-    holds_run = any((out / name).exists() for name in RUN_FILES + CHECKPOINTS)
+    holds_run = any((out / name).exists() for name in (*RUN_FILES, *CHECKPOINTS, FINAL))
     if holds_run and not (cfg.resume or cfg.overwrite):
         raise ValueError(
             f"--out {out} holds another run: add --resume to continue it, --overwrite to replace it"
@@ -1094,8 +1092,8 @@ def open_run_folder(cfg: Config, out: Path) -> dict | None:
     if world()[0] == 0:
         (out / "checkpoint.tmp").unlink(missing_ok=True)  # half-written by a kill
         if cfg.overwrite:
-            shutil.rmtree(out / "final", ignore_errors=True)
-            for name in RUN_FILES[:-1] + CHECKPOINTS:
+            shutil.rmtree(out / FINAL, ignore_errors=True)
+            for name in RUN_FILES + CHECKPOINTS:
                 (out / name).unlink(missing_ok=True)
         if not cfg.resume:
             out.mkdir(parents=True, exist_ok=True)
@@ -1156,8 +1154,8 @@ def write_metrics(path: Path, record: dict) -> None:
 def save_final(run: Setup, cfg: Config, out: Path) -> None:
     """The trained policy as transformers saves it, in OUT/final, which from_pretrained and --model load.
     With LoRA it holds the adapter; --save-merged adds the merged model in OUT/final-merged."""
-    run.policy.save_pretrained(out / "final")
-    run.tokenizer.save_pretrained(out / "final")
+    run.policy.save_pretrained(out / FINAL)
+    run.tokenizer.save_pretrained(out / FINAL)
     if cfg.lora_rank and cfg.save_merged:
         merged = copy.deepcopy(run.policy).merge_and_unload()
         merged.save_pretrained(out / "final-merged")
@@ -1177,12 +1175,12 @@ def frozen_reference(policy, out: Path, device: torch.device):
 def start_processes(cfg: Config) -> None:
     """Under torchrun, join the process group (nccl on CUDA, gloo on the CPU). On the CPU, use every core
     this process may run on (torch's default can leave some idle), shared among the processes."""
+    device = pick_device(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        cuda = pick_device(cfg).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(pick_device(cfg))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if pick_device(cfg).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world()[1]))
         if world()[0] == 0:
             print(f"cpu: {torch.get_num_threads()} torch threads per process (OMP_NUM_THREADS sets another)")
