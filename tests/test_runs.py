@@ -120,7 +120,7 @@ def test_folder_holding_another_run_is_refused_and_left_untouched(finished_run, 
     assert snapshot(folder) == before
 
 
-@pytest.mark.parametrize("name", [*G.RUN_FILES[:-1], *G.CHECKPOINTS])
+@pytest.mark.parametrize("name", [*G.RUN_FILES, *G.CHECKPOINTS])
 def test_folder_holding_any_run_file_is_refused(tmp_path, capsys, name):
     (tmp_path / name).write_text("{}")
     assert "holds another run" in refused(tiny_args(tmp_path), capsys)
