@@ -176,6 +176,7 @@ class Example:
     thought: str  # reference reasoning, the intermediate results: "1:2+9=11;</think>"
     key_steps: list[list[str]]  # each key step: a set of equivalent strings (StepRAR)
     answer: str  # "5": the answer applies the last operation to the last intermediate result
+    images: list = field(default_factory=list)  # PIL images the question shows (vision-language models)
 
 
 TASK_FAMILIES = {"addsub": "+-", "muladd": "+-*"}
@@ -237,10 +238,13 @@ SYSTEM_PROMPT = (
 )
 
 
-def format_prompt(tokenizer, question: str) -> str:
-    """The prompt ends with <think>, so everything the policy writes up to </think> is the thought."""
+def format_prompt(tokenizer, question: str, images: int = 0) -> str:
+    """The prompt ends with <think>, so everything the policy writes up to </think> is the thought. With
+    images, `tokenizer` is a processor whose chat template places each image's marker before the question."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        user = {"role": "user", "content": content if images else question}
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, user]
         chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return chat + THINK_OPEN
     return f"{question}=?{THINK_OPEN}"
@@ -286,18 +290,26 @@ def check_format_markers(tokenizer) -> None:
 
 
 def load_policy(cfg: Config, device: torch.device):
-    """The embedded model (built here, no download) or a real checkpoint through the same code path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The embedded model (built here, no download) or a real checkpoint through the same code path: a causal
+    LM, or a vision-language model (its config has a vision tower) with the processor that reads images.
+    Returns (model, tokenizer, processor or None)."""
+    import transformers as hf
 
+    processor = None
     if cfg.model == EMBEDDED:
         tokenizer = build_char_tokenizer()
         model = build_embedded_model(tokenizer)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
             # float32 master weights: AdamW on bf16 weights rounds away updates of lr ~1e-6; CUDA computes
             # in bf16 through autocast (see `compute_precision`)
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+            if hasattr(hf.AutoConfig.from_pretrained(cfg.model), "vision_config"):
+                processor = hf.AutoProcessor.from_pretrained(cfg.model)
+                tokenizer = processor.tokenizer
+                model = hf.AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=torch.float32)
+            else:
+                tokenizer = hf.AutoTokenizer.from_pretrained(cfg.model)
+                model = hf.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
             raise ValueError(f"--model {cfg.model}: cannot load it ({reason})") from error
@@ -305,7 +317,7 @@ def load_policy(cfg: Config, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right
-    return model.to(device), tokenizer
+    return model.to(device), tokenizer, processor
 
 
 def add_lora(model, cfg: Config):
@@ -333,6 +345,7 @@ class Tree:
     thoughts: list[list[str]]  # [P][K] decoded thought text, including </think>
     answers: list[list[list[str]]]  # [P][K][M] decoded answer text
     answer_ended: list = field(default_factory=list)  # [P][K][M] 'stop' (</answer>), 'eos' or 'budget'
+    vision: list = field(default_factory=list)  # [P] a prompt's image inputs (see `model_inputs`) or None
 
     def thought_slots(self) -> list[tuple[int, int]]:
         """Every (p, k), prompt-major: the order of thoughts in generate() and in micro-batches."""
@@ -370,6 +383,25 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def model_inputs(model, ids: torch.Tensor, mask: torch.Tensor, vision: list | None = None) -> dict:
+    """Inputs of a padded batch (B, L) with explicit positions: for a text model each row's real tokens count
+    from 0, as generate() derives them. A vision-language Qwen (Qwen2-VL, Qwen2.5-VL) also takes its rows'
+    images (`vision`: [B] of that row's prompt's image inputs, or None) and 3-D rotary positions (M-RoPE:
+    time, height, width; (3, B, L)) from its own get_rope_index: image tokens sit on their grid, and text
+    continues after the largest position. This is the one place that knows about that model family."""
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+    images = [row for row in vision or [] if row is not None]
+    if not images:
+        return inputs
+    grid = torch.cat([row["image_grid_thw"] for row in images]).to(ids.device)
+    inputs |= dict(pixel_values=torch.cat([row["pixel_values"] for row in images]).to(ids.device))
+    rope = next(module for module in model.modules() if hasattr(module, "get_rope_index"))
+    image_tokens = (ids == model.config.image_token_id).int()
+    positions, deltas = rope.get_rope_index(ids, image_tokens, image_grid_thw=grid, attention_mask=mask)
+    rope.rope_deltas = deltas  # (B, 1): generate() continues each row's positions from these
+    return inputs | dict(image_grid_thw=grid, position_ids=positions)
+
+
 def cut_at_stop(ids: list[int], tokenizer, stop: str) -> tuple[list[int], str]:
     """Cut a generated row after the token that completes `stop`, or after eos, or keep it all.
     Returns (kept ids, how it ended: 'stop', 'eos' or 'budget')."""
@@ -383,11 +415,12 @@ def cut_at_stop(ids: list[int], tokenizer, stop: str) -> tuple[list[int], str]:
 
 @torch.no_grad()
 def sample_continuations(
-    model, tokenizer, prefixes, n: int, budget: int, stop: str, cfg: Config, do_sample: bool
+    model, tokenizer, prefixes, n: int, budget: int, stop: str, cfg: Config, do_sample: bool, vision=None
 ) -> list[tuple[list[int], str]]:
     """n continuations of every prefix, each cut by `cut_at_stop`, at exactly softmax(logits / T) (every
-    knob a checkpoint's generation_config may set is pinned). The shared prefix is prefilled ONCE and its KV
-    cache repeated n times. Returns (ids, how it ended), prefix-major: continuation j of prefix i is i*n+j."""
+    knob a checkpoint's generation_config may set is pinned). The shared prefix (with its images, `vision`
+    [B]) is prefilled ONCE and its KV cache repeated n times. Returns (ids, how it ended), prefix-major:
+    continuation j of prefix i is i*n+j."""
     from transformers import DynamicCache
 
     ids, mask = left_pad(prefixes, tokenizer.pad_token_id, model.device)
@@ -399,31 +432,39 @@ def sample_continuations(
     kwargs |= dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if ids.shape[1] > 1:  # all but the last token: generate() feeds that one and continues the cache
         kwargs["cache"] = DynamicCache(config=model.config)
-        positions = positions_from_mask(mask)[:, :-1]
-        inputs = dict(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions)
+        inputs = model_inputs(model, ids[:, :-1], mask[:, :-1], vision)
         model(**inputs, cache=kwargs["cache"], use_cache=True, logits_to_keep=1)
         kwargs["cache"].batch_repeat_interleave(n)
+        for module in model.modules():  # a VLM's rope offsets follow its rows (see `model_inputs`)
+            if getattr(module, "rope_deltas", None) is not None:
+                module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
     ids = ids.repeat_interleave(n, dim=0)
     mask = mask.repeat_interleave(n, dim=0)
     new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
     return [cut_at_stop(row, tokenizer, stop) for row in new.tolist()]
 
 
-def sample_tree(model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample: bool = True) -> Tree:
+def sample_tree(
+    model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample: bool = True, vision=None
+) -> Tree:
     """The two stages of GRPO-MA rollout: K thoughts per prompt, then M answers per thought. A thought that
-    ended by eos or budget is closed by appending the marker (never trained on), dropping a sampled eos."""
+    ended by eos or budget is closed by appending the marker (never trained on), dropping a sampled eos.
+    `vision`: [P] each prompt's image inputs (or None) for a vision-language model."""
     was_training = model.training
     model.eval()
     close_ids = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
-    budget = cfg.max_thought_tokens
-    thoughts = sample_continuations(model, tokenizer, prompt_ids, k, budget, THINK_CLOSE, cfg, do_sample)
+    thoughts = sample_continuations(
+        model, tokenizer, prompt_ids, k, cfg.max_thought_tokens, THINK_CLOSE, cfg, do_sample, vision
+    )
     eos = tokenizer.eos_token_id
     sampled = [ids if ended == "stop" else [t for t in ids if t != eos] for ids, ended in thoughts]
     forced = [[] if ended == "stop" else close_ids for _, ended in thoughts]
-    tree = Tree(prompt_ids, group_rows(sampled, k), group_rows(forced, k), [], [], [])
+    tree = Tree(prompt_ids, group_rows(sampled, k), group_rows(forced, k), [], [], [], [], vision or [])
     prefixes = [tree.prefix(p, j) for p, j in tree.thought_slots()]
-    budget = cfg.max_answer_tokens
-    answers = sample_continuations(model, tokenizer, prefixes, m, budget, ANSWER_CLOSE, cfg, do_sample)
+    rows = [tree.vision[p] for p, _ in tree.thought_slots()] if tree.vision else None
+    answers = sample_continuations(
+        model, tokenizer, prefixes, m, cfg.max_answer_tokens, ANSWER_CLOSE, cfg, do_sample, rows
+    )
     model.train(was_training)
     tree.answer_ids = group_rows(group_rows([ids for ids, _ in answers], m), k)
     tree.answer_ended = group_rows(group_rows([ended for _, ended in answers], m), k)
@@ -617,6 +658,7 @@ class TreeBatch:
     answer_mask: torch.Tensor  # (B*M, La) bool: a sampled answer token
     advantages: torch.Tensor  # (Nt + Na,) A_thought on thought tokens, A_answer on answer tokens
     weights: torch.Tensor  # (Nt + Na,) each token's share w_t of the step's loss
+    vision: list = field(default_factory=list)  # [B] each thought's prompt's image inputs, or empty
 
 
 def loss_weights(tree: Tree, how: str, counted=None, max_length: int = 1) -> tuple[list, list]:
@@ -684,7 +726,8 @@ def build_tree_batch(tree: Tree, slots, thought_adv, answer_adv, weights, pad_id
     advantages = torch.tensor(advantages, dtype=torch.float32, device=device)
     token_weights = torch.tensor(token_weights, dtype=torch.float32, device=device)
     padded = (prefix_ids, prefix_mask, thought_mask, answer_ids, answer_mask)
-    return TreeBatch(*padded, advantages, token_weights)
+    vision = [tree.vision[p] for p, _ in slots] if tree.vision else []
+    return TreeBatch(*padded, advantages, token_weights, vision)
 
 
 def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = 0):
@@ -724,9 +767,9 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float) -> torch.Tensor:
     has_thought = batch.thought_mask.any(-1)
     first = batch.thought_mask.int().argmax(-1).masked_fill(~has_thought, width).min().item()
     keep = width - max(first - 1, 0)
-    positions = positions_from_mask(batch.prefix_mask)
+    inputs = model_inputs(model, batch.prefix_ids, batch.prefix_mask, batch.vision)
+    positions = inputs["position_ids"]  # (B, Lp), or (3, B, Lp) for M-RoPE
     cache = DynamicCache(config=model.config)
-    inputs = dict(input_ids=batch.prefix_ids, attention_mask=batch.prefix_mask, position_ids=positions)
     logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=keep).logits  # (B, keep, V)
     scored = batch.thought_mask[:, width - keep + 1 :]
     thought_targets = batch.prefix_ids[:, width - keep + 1 :][scored]
@@ -738,7 +781,7 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float) -> torch.Tensor:
         attention = torch.cat([batch.prefix_mask.repeat_interleave(m, dim=0), batch.answer_mask[:, :-1]], 1)
         steps = torch.arange(1, answer_inputs.shape[1] + 1, device=answer_inputs.device)
         inputs = dict(input_ids=answer_inputs, attention_mask=attention.long())
-        continued = positions[:, -1:].repeat_interleave(m, dim=0) + steps  # (B*M, La - 1)
+        continued = positions[..., -1:].repeat_interleave(m, dim=-2) + steps  # (..., B*M, La - 1)
         rest = model(**inputs, position_ids=continued, cache=cache, use_cache=True).logits
         answer_logits = torch.cat([answer_logits, rest], dim=1)  # (B*M, La, V)
     answer_targets = batch.answer_ids[batch.answer_mask]
@@ -849,9 +892,23 @@ def pick_device(cfg: Config) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one device per process
 
 
-def encode_prompts(tokenizer, examples: list[Example]) -> tuple[list[str], list[list[int]]]:
-    prompts = [format_prompt(tokenizer, e.question) for e in examples]
-    return prompts, [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+def encode_prompts(tokenizer, examples: list[Example], processor=None) -> tuple[list, list, list]:
+    """(prompt texts, prompt token ids, image inputs). Examples with images need the processor, which
+    expands each image marker to the image's tokens and returns its pixels; the image inputs are empty for
+    a text model, else [P] dicts of pixel_values and image_grid_thw (None for a prompt without images)."""
+    if processor is None or not any(e.images for e in examples):
+        prompts = [format_prompt(tokenizer, e.question) for e in examples]
+        return prompts, [tokenizer.encode(p, add_special_tokens=False) for p in prompts], []
+    prompts = [format_prompt(processor, e.question, len(e.images)) for e in examples]
+    prompt_ids = []
+    vision = []
+    for prompt, example in zip(prompts, examples):
+        encoded = processor(text=[prompt], images=example.images or None, return_tensors="pt")
+        prompt_ids.append(encoded["input_ids"][0].tolist())
+        has_images = "image_grid_thw" in encoded
+        keys = ("pixel_values", "image_grid_thw")
+        vision.append({key: encoded[key] for key in keys} if has_images else None)
+    return prompts, prompt_ids, vision
 
 
 @dataclass
@@ -861,6 +918,7 @@ class Setup:
 
     policy: torch.nn.Module
     tokenizer: object
+    processor: object | None  # a vision-language model's: it turns images into pixels and image tokens
     device: torch.device
     data_rng: random.Random
     pool: list[Example] | None  # None: fresh examples from the embedded generator
@@ -879,11 +937,11 @@ def setup_run(
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg)
-    policy, tokenizer = load_policy(cfg, device)
+    policy, tokenizer, processor = load_policy(cfg, device)
     pool = None if train_pool is None else list(train_pool)
     eval_examples = held_out_examples(cfg) if eval_examples is None else list(eval_examples)
     task = (pool, eval_examples, reward_fns or reward_functions(cfg), is_correct)
-    return Setup(policy, tokenizer, device, random.Random(cfg.seed), *task, TreeForward(policy))
+    return Setup(policy, tokenizer, processor, device, random.Random(cfg.seed), *task, TreeForward(policy))
 
 
 def supervised_warmup(run: Setup, cfg: Config) -> None:
@@ -894,7 +952,7 @@ def supervised_warmup(run: Setup, cfg: Config) -> None:
     tokenizer = run.tokenizer
     for _ in tqdm(range(cfg.warmup_steps), desc="warm-up", leave=False, disable=world()[0] > 0):
         examples = draw_examples(run.data_rng, cfg.warmup_batch, cfg, run.pool)
-        _, prompt_ids = encode_prompts(tokenizer, examples)
+        _, prompt_ids, vision = encode_prompts(tokenizer, examples, run.processor)
         solutions = [e.thought + ANSWER_OPEN + e.answer + ANSWER_CLOSE for e in examples]
         completions = [
             tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id] for s in solutions
@@ -904,7 +962,7 @@ def supervised_warmup(run: Setup, cfg: Config) -> None:
         mask = torch.tensor(right_pad([[1] * len(row) for row in rows], 0), device=run.device)
         targets = right_pad([[-100] * len(p) + c for p, c in zip(prompt_ids, completions)], -100)
         targets = torch.tensor(targets, device=run.device)[:, 1:]  # position t predicts token t + 1
-        logits = run.policy(input_ids=ids, attention_mask=mask).logits
+        logits = run.policy(**model_inputs(run.policy, ids, mask, vision)).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -921,9 +979,10 @@ def evaluate(run: Setup, cfg: Config, examples: list[Example] | None = None) -> 
         correct = 0
         for start in range(0, len(examples), 100):
             part = examples[start : start + 100]
-            prompt_ids = encode_prompts(run.tokenizer, part)[1]
+            _, prompt_ids, vision = encode_prompts(run.tokenizer, part, run.processor)
             with compute_precision(run.device):
-                tree = sample_tree(run.policy, run.tokenizer, prompt_ids, 1, 1, cfg, mode == "sampled")
+                do_sample = mode == "sampled"
+                tree = sample_tree(run.policy, run.tokenizer, prompt_ids, 1, 1, cfg, do_sample, vision)
             correct += sum(run.is_correct(tree.answers[p][0][0], example) for p, example in enumerate(part))
         accuracy[f"eval_{mode}_accuracy"] = correct / len(examples)
     return accuracy
@@ -1018,8 +1077,8 @@ def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg
     examples = draw_examples(run.data_rng, cfg.prompts_per_step, cfg, run.pool)  # the same on every process
     share = cfg.prompts_per_step // processes
     examples = examples[rank * share : (rank + 1) * share]
-    prompts, prompt_ids = encode_prompts(run.tokenizer, examples)
-    tree = sample_tree(run.policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg)
+    prompts, prompt_ids, vision = encode_prompts(run.tokenizer, examples, run.processor)
+    tree = sample_tree(run.policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg, vision=vision)
     scores = score_answers(run.reward_fns, tree, examples, prompts)  # "total": (P, K, M)
     pool = dict(answer_pool=cfg.answer_pool, scale=cfg.scale_rewards, ddof=cfg.ddof)
     thought_adv, answer_adv = ma_advantages(scores["total"], **pool)  # (P, K), (P, K, M)
@@ -1155,11 +1214,11 @@ def save_final(run: Setup, cfg: Config, out: Path) -> None:
     """The trained policy as transformers saves it, in OUT/final, which from_pretrained and --model load.
     With LoRA it holds the adapter; --save-merged adds the merged model in OUT/final-merged."""
     run.policy.save_pretrained(out / FINAL)
-    run.tokenizer.save_pretrained(out / FINAL)
+    (run.processor or run.tokenizer).save_pretrained(out / FINAL)
     if cfg.lora_rank and cfg.save_merged:
         merged = copy.deepcopy(run.policy).merge_and_unload()
         merged.save_pretrained(out / "final-merged")
-        run.tokenizer.save_pretrained(out / "final-merged")
+        (run.processor or run.tokenizer).save_pretrained(out / "final-merged")
 
 
 def frozen_reference(policy, out: Path, device: torch.device):

@@ -589,7 +589,7 @@ def test_real_checkpoint_loads_through_model_flag(tmp_path):
     summary = G.train(config_from_flags(flags), reward_fns=REWARDS)
     assert summary["steps"] == 2
     assert_learned(tmp_path / "run")
-    trained, _ = G.load_policy(G.Config(model=str(tmp_path / "run" / "final")), torch.device("cpu"))
+    trained, _, _ = G.load_policy(G.Config(model=str(tmp_path / "run" / "final")), torch.device("cpu"))
     assert_same_tensors(trained.state_dict(), load_checkpoint(tmp_path / "run")["model"])
 
 

@@ -77,7 +77,7 @@ def test_sample_tree_pairs_every_answer_with_the_thought_it_continues(tokenizer,
     digit = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
     calls = []
 
-    def labelled_continuations(model, tok, prefixes, n, budget, stop, cfg, do_sample):
+    def labelled_continuations(model, tok, prefixes, n, budget, stop, cfg, do_sample, vision=None):
         calls.append([list(prefix) for prefix in prefixes])
         out = []
         for i, _ in enumerate(prefixes):

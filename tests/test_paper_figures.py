@@ -136,7 +136,7 @@ def test_readme_links_every_committed_figure_and_only_existing_ones():
 
 
 def test_embedded_model_has_the_parameter_count_the_scripts_state():
-    model, _ = grpo_ma.load_policy(Config(), torch.device("cpu"))
+    model, _, _ = grpo_ma.load_policy(Config(), torch.device("cpu"))
     count = sum(p.numel() for p in model.parameters())
     assert count == common.EMBEDDED_PARAMETERS
     assert common.EMBEDDED_SIZE == f"{count / 1e6:.1f}M"
