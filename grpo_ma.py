@@ -14,6 +14,7 @@ is silent; theory/README.md states the variance claims that theory/ checks.
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -42,6 +43,7 @@ FORMAT_MARKERS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 EMBEDDED = "embedded"
 MAX_ABS_REWARD = 1e150  # beyond this the float64 squares in the std overflow
 LOSS_AGGREGATIONS = ("token", "sequence", "grpo", "dr_grpo")
+REPORTERS = ("none", "tensorboard", "wandb")  # optional extras: pip install "grpo-ma[tensorboard]"
 
 
 # ================================================================================================
@@ -113,6 +115,9 @@ class Config:
     save_merged: bool = opt(False, "with LoRA: also save the merged model in OUT/final-merged")
     eval_every: int = opt(50, "held-out evaluation every N steps (and at start and end)", low=1)
     eval_size: int = opt(200, "held-out prompts per evaluation", low=1)
+    report_to: str = opt(
+        "none", "also log metrics to tensorboard (OUT/tensorboard) or wandb", choices=REPORTERS
+    )
     gss_window: int = opt(50, "steps in the gradient-spike-score running mean", low=1)
 
 
@@ -126,6 +131,7 @@ RESUMABLE_CHANGES = {
     "save_every",
     "save_merged",
     "micro_batch",
+    "report_to",
 }
 
 
@@ -160,6 +166,10 @@ def validate_config(cfg: Config) -> None:
     if cfg.model != EMBEDDED and as_path and not Path(cfg.model).expanduser().is_dir():
         raise ValueError(f"--model {cfg.model}: no such folder")
     reward_functions(cfg)  # raises on unknown names or a weight count that does not match
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        raise ValueError(
+            f'--report-to {cfg.report_to} needs its package: pip install "grpo-ma[{cfg.report_to}]"'
+        )
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if cfg.prompts_per_step % processes:
         raise ValueError(
@@ -1203,11 +1213,42 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def write_metrics(path: Path, record: dict) -> None:
-    """One JSON line per step, with the same keys every time (null where nothing was measured)."""
+def write_metrics(path: Path, record: dict, reporter=None) -> None:
+    """One JSON line per step, with the same keys every time (null where nothing was measured); the same
+    record goes to the live view, if any."""
     keys = list(METRIC_KEYS) + sorted(key for key in record if key.startswith("reward/"))
     with path.open("a") as f:
         f.write(json.dumps({key: record.get(key) for key in keys}) + "\n")
+    report(reporter, record)
+
+
+def open_reporter(cfg: Config, out: Path, step: int):
+    """The live view --report-to asks for, imported only then: a tensorboard writer in OUT/tensorboard (on
+    resume, events after `step` are dropped, as metrics.jsonl drops its lines), or a wandb run, offline
+    unless WANDB_MODE says otherwise. None for --report-to none."""
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(out / "tensorboard", purge_step=step + 1 if cfg.resume else None)
+    if cfg.report_to == "wandb":
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", "offline")
+        return wandb.init(project="grpo-ma", dir=out, name=out.name, config=dataclasses.asdict(cfg))
+    return None
+
+
+def report(reporter, record: dict) -> None:
+    """A step's numeric metrics to the live view, under the names metrics.jsonl uses."""
+    values = {
+        key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"
+    }
+    if hasattr(reporter, "add_scalar"):  # tensorboard
+        for key, value in values.items():
+            reporter.add_scalar(key, value, record["step"])
+        reporter.flush()
+    elif reporter is not None:  # wandb
+        reporter.log(values, step=record["step"])
 
 
 def save_final(run: Setup, cfg: Config, out: Path) -> None:
@@ -1263,6 +1304,7 @@ def train(
     payload = open_run_folder(cfg, out)
     run = setup_run(cfg, train_pool, eval_examples, reward_fns, is_correct)
     metrics_path = out / "metrics.jsonl"
+    reporter = open_reporter(cfg, out, payload["state"]["step"] if payload else 0) if rank == 0 else None
     if payload is None:
         if rank == 0:
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -1285,7 +1327,7 @@ def train(
         state = RunState(start_eval=all_gather(evaluate(run, cfg) if rank == 0 else None)[0])
         state.last_eval = state.start_eval
         if rank == 0:
-            write_metrics(metrics_path, {"step": 0, **state.start_eval})
+            write_metrics(metrics_path, {"step": 0, **state.start_eval}, reporter)
             accuracy = [
                 f"{mode} {state.start_eval[f'eval_{mode}_accuracy']:.3f}" for mode in ("greedy", "sampled")
             ]
@@ -1313,7 +1355,7 @@ def train(
             record |= state.last_eval
             progress.unpause()  # the bar's rate and ETA count training steps, not evaluations
         if rank == 0:
-            write_metrics(metrics_path, record)
+            write_metrics(metrics_path, record, reporter)
         held_out = state.last_eval["eval_greedy_accuracy"]
         progress.set_postfix(reward=f"{record['reward_mean']:.2f}", held_out=f"{held_out:.2f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -1338,6 +1380,10 @@ def train(
             f"sampled {summary['start_sampled_accuracy']:.3f} -> {summary['final_sampled_accuracy']:.3f}"
         )
         print(f"held-out accuracy: {greedy}, {sampled}")
+    if cfg.report_to == "tensorboard" and rank == 0:
+        reporter.close()
+    if cfg.report_to == "wandb" and rank == 0:
+        reporter.finish()
     return summary
 
 
