@@ -1,8 +1,10 @@
 """The embedded default, `python grpo_ma.py --seed S`, for seeds 0, 1, 2: held-out accuracy before and after
-GRPO-MA and the wall-clock time of each run. Writes RESULTS/default_runs.{json,md}.
+GRPO-MA and the wall-clock time of each run. Writes RESULTS/default_runs.{json,md}; with --lora-rank R the
+runs are `python grpo_ma.py --seed S --lora-rank R` and go to RESULTS/default_runs_lora{R}.{json,md}.
 
     python -m paper_figures.default_runs            # reuses runs/default_seed{S}/ when already finished
     python -m paper_figures.default_runs --rerun    # trains again (paper_figures/README.md gives the time)
+    python -m paper_figures.default_runs --lora-rank 8    # the same runs training LoRA adapters only
 """
 
 import contextlib
@@ -20,9 +22,10 @@ from paper_figures import common
 from paper_figures.tables import runs_table
 
 
-def run_seed(seed: int, runs_dir: Path, rerun: bool, quiet: bool = False) -> dict:
+def run_seed(seed: int, runs_dir: Path, rerun: bool, quiet: bool = False, lora_rank: int = 0) -> dict:
     """Train (or reuse) one default run; a finished run whose config matches the default is reused."""
-    cfg = grpo_ma.Config(seed=seed, out=str(runs_dir / f"default_seed{seed}"))
+    name = f"default_lora{lora_rank}_seed{seed}" if lora_rank else f"default_seed{seed}"
+    cfg = grpo_ma.Config(seed=seed, lora_rank=lora_rank, out=str(runs_dir / name))
     out = Path(cfg.out)
     finished = (out / "summary.json").exists() and (out / "config.json").exists()
     if finished and not rerun:
@@ -48,19 +51,22 @@ def main(argv=None) -> list[dict]:
     )
     parser.add_argument("--runs-dir", default="runs", help="where the runs live (default: %(default)s)")
     parser.add_argument("--rerun", action="store_true", help="train again even when a finished run exists")
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: all)")
     args = parser.parse_args(argv)
-    rows = [run_seed(s, Path(args.runs_dir), args.rerun, args.quiet) for s in args.seeds]
+    rows = [run_seed(s, Path(args.runs_dir), args.rerun, args.quiet, args.lora_rank) for s in args.seeds]
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
+    lora = f" --lora-rank {args.lora_rank}" if args.lora_rank else ""
     meta = {
-        "command": "python grpo_ma.py --seed S",
+        "command": f"python grpo_ma.py --seed S{lora}",
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    (results / "default_runs.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
-    (results / "default_runs.md").write_text(runs_table(rows))
+    name = f"default_runs_lora{args.lora_rank}" if args.lora_rank else "default_runs"
+    (results / f"{name}.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
+    (results / f"{name}.md").write_text(runs_table(rows))
     print(runs_table(rows))
     return rows
 
