@@ -43,6 +43,7 @@ FORMAT_MARKERS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 EMBEDDED = "embedded"
 MAX_ABS_REWARD = 1e150  # beyond this the float64 squares in the std overflow
 LOSS_AGGREGATIONS = ("token", "sequence", "grpo", "dr_grpo")
+VISION_MARKERS = ("image", "video", "vision_start", "vision_end")  # a Qwen2-VL config's <name>_token_id
 REPORTERS = ("none", "tensorboard", "wandb")  # optional extras: pip install "grpo-ma[tensorboard]"
 
 
@@ -105,6 +106,7 @@ class Config:
     lora_alpha: int = opt(16, "LoRA alpha: the adapters' update is scaled by alpha / rank", low=1)
     lora_dropout: float = opt(0.0, "LoRA dropout", low=0, below=1)
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "modules LoRA adapts")
+    freeze_vision: bool = opt(False, "never train a vision-language model's vision tower (nor its adapters)")
     device: str = opt("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     seed: int = opt(0, "seed of data, model init and sampling")
     # the run's folder
@@ -330,6 +332,15 @@ def load_policy(cfg: Config, device: torch.device):
     return model.to(device), tokenizer, processor
 
 
+def freeze_vision_tower(model) -> None:
+    """Stop training the vision tower (Qwen2-VL's `visual` module, with any adapters inside it)."""
+    frozen = [p for name, p in model.named_parameters() if "visual" in name.split(".")]
+    if not frozen:
+        raise ValueError("--freeze-vision: the model has no vision tower")
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+
+
 def add_lora(model, cfg: Config):
     """peft LoRA adapters on the attention and MLP projections: only they train, and the same model with
     `disable_adapter()` is the frozen start policy, the KL reference (no second copy in memory)."""
@@ -440,6 +451,9 @@ def sample_continuations(
         kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     kwargs |= dict(max_new_tokens=budget, stop_strings=[stop], tokenizer=tokenizer, repetition_penalty=1.0)
     kwargs |= dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    # a VLM never writes an image marker: one in a thought would be read as an image that is not there
+    markers = [getattr(model.config, f"{name}_token_id", None) for name in VISION_MARKERS]
+    kwargs["suppress_tokens"] = [token for token in markers if token is not None]
     if ids.shape[1] > 1:  # all but the last token: generate() feeds that one and continues the cache
         kwargs["cache"] = DynamicCache(config=model.config)
         inputs = model_inputs(model, ids[:, :-1], mask[:, :-1], vision)
@@ -906,6 +920,8 @@ def encode_prompts(tokenizer, examples: list[Example], processor=None) -> tuple[
     """(prompt texts, prompt token ids, image inputs). Examples with images need the processor, which
     expands each image marker to the image's tokens and returns its pixels; the image inputs are empty for
     a text model, else [P] dicts of pixel_values and image_grid_thw (None for a prompt without images)."""
+    if processor is None and any(e.images for e in examples):
+        raise ValueError("the examples carry images, but the model has no processor: it is a text model")
     if processor is None or not any(e.images for e in examples):
         prompts = [format_prompt(tokenizer, e.question) for e in examples]
         return prompts, [tokenizer.encode(p, add_special_tokens=False) for p in prompts], []
@@ -948,6 +964,8 @@ def setup_run(
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg)
     policy, tokenizer, processor = load_policy(cfg, device)
+    if cfg.freeze_vision:
+        freeze_vision_tower(policy)
     pool = None if train_pool is None else list(train_pool)
     eval_examples = held_out_examples(cfg) if eval_examples is None else list(eval_examples)
     task = (pool, eval_examples, reward_fns or reward_functions(cfg), is_correct)
@@ -977,6 +995,8 @@ def supervised_warmup(run: Setup, cfg: Config) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    # frozen weights keep their .grad (with LoRA, the base model's): none may reach the RL step's clipping
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -1315,6 +1335,8 @@ def train(
             torch.save(run.policy.state_dict(), out / "reference.pt")  # the frozen start policy of the KL
     if cfg.lora_rank:  # after the warm-up, so that the adapter switched off is the start policy
         run.policy = add_lora(run.policy, cfg)
+        if cfg.freeze_vision:
+            freeze_vision_tower(run.policy)
         run.forward = TreeForward(run.policy)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)

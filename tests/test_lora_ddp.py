@@ -59,6 +59,18 @@ def test_lora_trains_only_the_adapters_and_its_kl_starts_at_zero(tmp_path):
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in warmed.policy.parameters())
 
 
+def constant_reward(prompts, thoughts, answers, examples):
+    return [1.0 for _ in answers]
+
+
+def test_lora_after_a_warm_up_clips_and_logs_only_the_adapters_gradient(tmp_path):
+    """Equal rewards give every advantage 0, and a fresh adapter gives KL 0: the true gradient is 0. The
+    base weights' last warm-up gradients must not show up in grad_norm or scale the clipping."""
+    cfg = G.parse_args(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4"))
+    G.train(cfg, reward_fns=[(constant_reward, 1.0)])
+    assert [record["grad_norm"] for record in read_metrics(tmp_path)[1:]] == [0.0, 0.0]
+
+
 def test_lora_run_resumed_from_a_checkpoint_ends_bit_exact(tmp_path):
     rewards = [(answer_length_reward, 1.0)]
     G.train(
