@@ -658,6 +658,28 @@ def default_runs_block(default_runs: dict) -> str:
     )
 
 
+def counting_vlm_block(counting: dict) -> str:
+    """One row per run of `python -m demos.counting_vlm` (RESULTS/counting_vlm.json)."""
+    header = ["seed", "LoRA rank", "held-out greedy: start → after", "sampled (T=1): start → after"]
+    header += ["gain (greedy)", "wall time"]
+    rows = [
+        [
+            r["seed"],
+            r["lora_rank"] or "— (full)",
+            f"{r['start_greedy_accuracy']:.3f} → {r['final_greedy_accuracy']:.3f}",
+            f"{r['start_sampled_accuracy']:.3f} → {r['final_sampled_accuracy']:.3f}",
+            f"{100 * (r['final_greedy_accuracy'] - r['start_greedy_accuracy']):+.1f} pts",
+            f"{r['wall_seconds'] / 60:.1f} min",
+        ]
+        for r in counting["runs"]
+    ]
+    meta = counting["meta"]
+    return markdown_table(header, rows) + (
+        f"\n\n`{meta['command']}` on the CPU ({meta['machine']}, {meta['cpu_threads']} torch threads), "
+        f"torch {meta['torch']}, transformers {meta['transformers']}."
+    )
+
+
 def variance_block(variance: dict) -> str:
     setting_ = variance["setting"]
     budget = variance["budget_heatmap"]
@@ -743,6 +765,11 @@ def readme_blocks(results_dir) -> dict[str, str]:
     blocks = {"times": times_block(training, variance, default_runs)}
     if default_runs is not None:
         blocks["default_runs"] = default_runs_block(default_runs)
+    for path in sorted(results_dir.glob("default_runs_lora*.json")):  # python -m paper_figures.default_runs
+        blocks[path.stem] = default_runs_block(json.loads(path.read_text()))
+    counting = _load(results_dir / "counting_vlm.json")
+    if counting is not None:
+        blocks["counting_vlm"] = counting_vlm_block(counting)
     if variance is not None:
         blocks["variance"] = variance_block(variance)
     if training is not None:
