@@ -472,7 +472,8 @@ def sample_tree(
     model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample: bool = True, vision=None
 ) -> Tree:
     """The two stages of GRPO-MA rollout: K thoughts per prompt, then M answers per thought. A thought that
-    ended by eos or budget is closed by appending the marker (never trained on), dropping a sampled eos.
+    ended by eos or budget is closed by appending the marker (never trained on). A sampled eos stays in the
+    thought and is trained on with it: dropped, nothing would ever teach the policy not to end a thought.
     `vision`: [P] each prompt's image inputs (or None) for a vision-language model."""
     was_training = model.training
     model.eval()
@@ -480,8 +481,7 @@ def sample_tree(
     thoughts = sample_continuations(
         model, tokenizer, prompt_ids, k, cfg.max_thought_tokens, THINK_CLOSE, cfg, do_sample, vision
     )
-    eos = tokenizer.eos_token_id
-    sampled = [ids if ended == "stop" else [t for t in ids if t != eos] for ids, ended in thoughts]
+    sampled = [ids for ids, _ in thoughts]
     forced = [[] if ended == "stop" else close_ids for _, ended in thoughts]
     tree = Tree(prompt_ids, group_rows(sampled, k), group_rows(forced, k), [], [], [], [], vision or [])
     prefixes = [tree.prefix(p, j) for p, j in tree.thought_slots()]

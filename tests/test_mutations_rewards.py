@@ -71,7 +71,8 @@ def test_accuracy_compares_each_answer_with_its_own_prompts_answer():
 
 def test_sample_tree_pairs_every_answer_with_the_thought_it_continues(tokenizer, monkeypatch):
     """sample_continuations replaced by a stand-in whose continuations name the prefix they continue and their
-    copy index; thoughts of copy 1 end by eos (dropped, then closed by force), the others close themselves."""
+    copy index; thoughts of copy 1 end by eos (kept: it is trained on, then closed by force), the others close
+    themselves."""
     close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
     eos = tokenizer.eos_token_id
     digit = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
@@ -98,10 +99,10 @@ def test_sample_tree_pairs_every_answer_with_the_thought_it_continues(tokenizer,
     assert calls[0] == prompt_ids
     for p in range(3):
         for k in range(3):
-            assert tree.thought_ids[p][k] == [digit[p], digit[k]] + ([] if k == 1 else close)
+            assert tree.thought_ids[p][k] == [digit[p], digit[k]] + ([eos] if k == 1 else close)
             assert tree.forced_close[p][k] == (close if k == 1 else [])
             assert tree.thoughts[p][k] == f"{p}{k}{G.THINK_CLOSE}"
-            prefix = prompt_ids[p] + [digit[p], digit[k]] + close
+            prefix = prompt_ids[p] + [digit[p], digit[k]] + ([eos] if k == 1 else []) + close
             for m in range(2):
                 i, j = tree.answer_ids[p][k][m]  # the index of the prefix it continued, and its copy
                 assert calls[1][digit.index(i)] == prefix and digit.index(j) == m
