@@ -42,10 +42,9 @@ from pathlib import Path
 import torch
 import transformers
 from PIL import Image, ImageDraw
-from tokenizers import AddedToken, Tokenizer, decoders, models
+from tokenizers import AddedToken
 from transformers import (
     AutoProcessor,
-    PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
@@ -216,20 +215,12 @@ CHAT_TEMPLATE = (
 
 
 def build_vlm_tokenizer():
-    """Character-level tokenizer made with `tokenizers` (BPE with no merges = one token per character), with
-    the format markers and the Qwen2-VL vision markers as single added tokens, wrapped as a transformers fast
-    tokenizer. Vision markers are special (skipped when decoding); format markers are not (they must
-    survive decoding: the trainer splits thought from answer on them)."""
-    specials = ["<pad>", "<eos>", "<unk>"]
-    chars = list("0123456789+-*=?:;,. ()abcdefghijklmnopqrstuvwxyz\n")
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    core.add_tokens([AddedToken(m, special=False, normalized=False) for m in FORMAT_MARKERS])
-    core.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in VISION_MARKERS])
-    names = dict(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    return PreTrainedTokenizerFast(tokenizer_object=core, **names)
+    """grpo_ma's character-level tokenizer with the Qwen2-VL vision markers added as single special tokens
+    (skipped when decoding; the format markers stay ordinary tokens, which must survive decoding: the
+    trainer splits thought from answer on them)."""
+    tokenizer = grpo_ma.build_char_tokenizer()
+    tokenizer.add_tokens([AddedToken(m, special=True, normalized=False) for m in VISION_MARKERS], True)
+    return tokenizer
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):

@@ -2,6 +2,7 @@
 for test modules that train small models."""
 
 import os
+import socket
 
 import pytest
 from hypothesis import settings
@@ -24,3 +25,13 @@ def one_torch_thread():
         torch.set_num_threads(1)
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)

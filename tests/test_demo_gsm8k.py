@@ -4,7 +4,6 @@ path (JSONL -> Examples -> grpo_ma.train) through a small Qwen2 saved to disk wi
 import dataclasses
 import json
 import re
-import socket
 import sys
 
 import pytest
@@ -57,16 +56,6 @@ RECORDS = [
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to reach the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import random
 import re
-import socket
 
 import pytest
 import torch
@@ -18,16 +17,6 @@ from demos import vlm_qwen as D
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 COUNTS = [0, 1, 2, 3, 1, 2]
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to reach the network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture(scope="module")
