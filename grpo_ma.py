@@ -14,6 +14,7 @@ is silent; theory/README.md states the variance claims that theory/ checks.
 import argparse
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -108,6 +109,11 @@ class Config:
     lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "modules LoRA adapts")
     freeze_vision: bool = opt(False, "never train a vision-language model's vision tower (nor its adapters)")
     device: str = opt("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    precision: str = opt(
+        "auto",
+        "forward passes: auto (bf16 on CUDA, fp32 on a CPU), fp32, or bf16 autocast on either device",
+        choices=("auto", "fp32", "bf16"),
+    )
     seed: int = opt(0, "seed of data, model init and sampling")
     # the run's folder
     out: str = opt("runs/default", "output folder: config, metrics, checkpoints, summary, final/")
@@ -314,14 +320,22 @@ def load_policy(cfg: Config, device: torch.device):
     else:
         try:
             # float32 master weights: AdamW on bf16 weights rounds away updates of lr ~1e-6; CUDA computes
-            # in bf16 through autocast (see `compute_precision`)
-            if hasattr(hf.AutoConfig.from_pretrained(cfg.model), "vision_config"):
+            # in bf16 through autocast (see `forward_precision`)
+            base = cfg.model
+            adapter = Path(cfg.model).expanduser() / "adapter_config.json"  # a LoRA run's OUT/final
+            if adapter.is_file():
+                base = json.loads(adapter.read_text())["base_model_name_or_path"]
+            if hasattr(hf.AutoConfig.from_pretrained(base), "vision_config"):
                 processor = hf.AutoProcessor.from_pretrained(cfg.model)
                 tokenizer = processor.tokenizer
-                model = hf.AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=torch.float32)
+                model = hf.AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
             else:
                 tokenizer = hf.AutoTokenizer.from_pretrained(cfg.model)
-                model = hf.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+                model = hf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            if adapter.is_file():  # the trained policy: the adapter merged into the base it names
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, cfg.model).merge_and_unload()
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0]
             raise ValueError(f"--model {cfg.model}: cannot load it ({reason})") from error
@@ -626,13 +640,22 @@ def score_answers(reward_fns, tree: Tree, examples: list[Example], prompts: list
 def group_normalise(values: torch.Tensor, *, scale: bool = True, ddof: int = 1, eps: float = 1e-4):
     """A = (x - mean(x)) / (std(x) + eps) over the last dim, in float64; scale=False: A = x - mean(x).
     A group whose values are all equal gets exactly 0 (not a float residue, not NaN).
+    The scaled form is computed in units of the group's range, u = (x - min x) / (max x - min x), as the
+    same number A = (u - mean u) / (std u + eps / range): values a few roundings apart would otherwise round
+    their mean onto one of them, and their advantages away from a unit std (or to 0 / 0).
     values: (..., G) -> (..., G), in the dtype of `values`."""
     if values.shape[-1] <= ddof:  # no std from one value: only a constant group can occur
         return torch.zeros_like(values)
     x = values.double()
-    centred = x - x.mean(-1, keepdim=True)
-    advantage = centred / (x.std(-1, correction=ddof, keepdim=True) + eps) if scale else centred
-    constant = x.amax(-1, keepdim=True) == x.amin(-1, keepdim=True)
+    low = x.amin(-1, keepdim=True)
+    spread = x.amax(-1, keepdim=True) - low
+    constant = spread == 0
+    if scale:
+        units = (x - low) / torch.where(constant, 1.0, spread)
+        centred = units - units.mean(-1, keepdim=True)
+        advantage = centred / (units.std(-1, correction=ddof, keepdim=True) + eps / spread)
+    else:
+        advantage = x - x.mean(-1, keepdim=True)
     return torch.where(constant, torch.zeros_like(advantage), advantage).to(values.dtype)
 
 
@@ -880,6 +903,7 @@ METRIC_KEYS = (
 RUN_FILES = ("config.json", "metrics.jsonl", "reference.pt", "summary.json")
 FINAL = "final"  # the trained policy, save_pretrained's folder
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")  # the newest first
+BASE = "base"  # a LoRA run's base model when it exists nowhere else (see `saves_base`)
 
 
 def world() -> tuple[int, int]:
@@ -903,9 +927,14 @@ def all_reduce_sum(counts: dict) -> dict:
     return {key: sum(part[key] for part in parts) for key in counts}
 
 
-def compute_precision(device: torch.device):
-    """bf16 autocast on CUDA (weights stay float32), plain float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def forward_precision(cfg: Config, device: torch.device):
+    """The context of every forward pass. The weights stay float32, the master copy AdamW updates; bf16 runs
+    the forward's matmuls in bfloat16 through autocast (--precision auto: on CUDA only; bf16 on a CPU runs
+    CPU autocast, so the GPU path's numerics run in CI). The rule: autocast wraps forward passes, never an
+    optimizer step, because autocast keeps its bf16 copy of each weight until its context exits, and every
+    forward after a step inside the same context would run on the weights from before the step."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -952,6 +981,7 @@ class Setup:
     reward_fns: list[tuple[RewardFn, float]]
     is_correct: Callable[[str, Example], bool]
     forward: torch.nn.Module | None = None  # the update's TreeForward(policy), in DDP under torchrun
+    base: dict | None = None  # with LoRA: where the frozen base loads from, and a hash of its weights
 
 
 def setup_run(
@@ -972,9 +1002,11 @@ def setup_run(
     return Setup(policy, tokenizer, processor, device, random.Random(cfg.seed), *task, TreeForward(policy))
 
 
-def supervised_warmup(run: Setup, cfg: Config) -> None:
+def supervised_warmup(run: Setup, cfg: Config) -> list[float]:
     """A short cross-entropy warm-up on reference solutions (thought + answer tokens only, never the prompt),
-    so the start policy knows the format and is partly right: RL then has both signal and room."""
+    so the start policy knows the format and is partly right: RL then has both signal and room. Returns the
+    loss of every step."""
+    losses = []
     optimizer = torch.optim.AdamW(run.policy.parameters(), lr=cfg.warmup_lr)
     run.policy.train()
     tokenizer = run.tokenizer
@@ -990,13 +1022,16 @@ def supervised_warmup(run: Setup, cfg: Config) -> None:
         mask = torch.tensor(right_pad([[1] * len(row) for row in rows], 0), device=run.device)
         targets = right_pad([[-100] * len(p) + c for p, c in zip(prompt_ids, completions)], -100)
         targets = torch.tensor(targets, device=run.device)[:, 1:]  # position t predicts token t + 1
-        logits = run.policy(**model_inputs(run.policy, ids, mask, vision)).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+        with forward_precision(cfg, run.device):
+            logits = run.policy(**model_inputs(run.policy, ids, mask, vision)).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
     # frozen weights keep their .grad (with LoRA, the base model's): none may reach the RL step's clipping
     optimizer.zero_grad(set_to_none=True)
+    return losses
 
 
 @torch.no_grad()
@@ -1010,7 +1045,7 @@ def evaluate(run: Setup, cfg: Config, examples: list[Example] | None = None) -> 
         for start in range(0, len(examples), 100):
             part = examples[start : start + 100]
             _, prompt_ids, vision = encode_prompts(run.tokenizer, part, run.processor)
-            with compute_precision(run.device):
+            with forward_precision(cfg, run.device):
                 do_sample = mode == "sampled"
                 tree = sample_tree(run.policy, run.tokenizer, prompt_ids, 1, 1, cfg, do_sample, vision)
             correct += sum(run.is_correct(tree.answers[p][0][0], example) for p, example in enumerate(part))
@@ -1040,35 +1075,156 @@ class RunState:
         return gss
 
 
+def rng_states(device: torch.device) -> dict:
+    """Every RNG a step draws from, as tensors and plain Python values (torch's safe loader reads them)."""
+    kind, key, position, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    states["numpy"] = (kind, torch.from_numpy(key.astype(np.int64)), position, has_gauss, gauss)
+    states["cuda"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # GPU only
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    random.setstate(states["python"])
+    kind, key, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def trained_weights(policy, cfg: Config) -> dict:
+    """What a checkpoint keeps of the policy: every weight, or with LoRA the trained adapters alone (the
+    frozen base never changes; the checkpoint names it by `base_identity` instead)."""
+    weights = policy.state_dict()
+    if not cfg.lora_rank:
+        return weights
+    trained = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
+    return {name: value for name, value in weights.items() if name in trained}
+
+
+def saves_base(cfg: Config) -> bool:
+    """A LoRA run whose base exists nowhere else (the embedded model, or weights the warm-up changed) saves
+    it once in OUT/base, where its adapters (OUT/final) and a resume find it."""
+    return cfg.lora_rank > 0 and (cfg.warmup_steps > 0 or cfg.model == EMBEDDED)
+
+
+def base_identity(model, cfg: Config, out: Path) -> dict:
+    """Where a LoRA run's base loads from (OUT/base, a hub id or an absolute folder) and a SHA-256 of its
+    weights, so a resume on another base stops instead of training adapters that belong elsewhere."""
+    if saves_base(cfg):
+        source = str((out / BASE).resolve())
+    else:
+        source = cfg.model if not Path(cfg.model).expanduser().is_dir() else str(Path(cfg.model).resolve())
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return {"model": source, "sha256": digest.hexdigest()}
+
+
 def save_checkpoint(out: Path, run: Setup, optimizer, state: RunState, cfg: Config) -> None:
-    """Everything the next step depends on, RNG states included. Written to a temporary file and renamed into
-    place, so a kill mid-write leaves no half file; the checkpoint before stays as a fallback."""
-    rngs = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    rngs["cuda"] = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
-    rngs = all_gather(rngs)  # every process samples from its own stream
+    """Everything the next step depends on, RNG states included, as tensors and plain values only. Written to
+    a temporary file and renamed into place, so a kill mid-write leaves no half file; the checkpoint before
+    stays as a fallback."""
+    rngs = all_gather(rng_states(run.device))  # every process samples from its own stream
     if world()[0] > 0:
         return
     payload = {"config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state), "rng": rngs}
-    payload |= {"model": run.policy.state_dict(), "optimizer": optimizer.state_dict()}
-    payload["data_rng"] = run.data_rng.getstate()
+    payload |= {"model": trained_weights(run.policy, cfg), "optimizer": optimizer.state_dict()}
+    payload |= {"data_rng": run.data_rng.getstate(), "base": run.base}
     torch.save(payload, out / "checkpoint.tmp")
     if (out / CHECKPOINTS[0]).exists():
         os.replace(out / CHECKPOINTS[0], out / CHECKPOINTS[1])
     os.replace(out / "checkpoint.tmp", out / CHECKPOINTS[0])
 
 
-def restore(payload: dict, run: Setup, optimizer) -> RunState:
-    """Put a checkpoint back: weights, optimizer, data stream and every RNG."""
-    run.policy.load_state_dict(payload["model"])
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that is not one this program wrote for this model: set aside, the one before used."""
+
+
+CHECKPOINT_KEYS = {
+    "config": dict, "state": dict, "rng": list, "model": dict, "optimizer": dict, "data_rng": tuple,
+    "base": (dict, type(None)),
+}  # fmt: skip
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint read as data: torch's safe loader (weights_only) rebuilds tensors and plain values and
+    refuses anything else, so a file can never run code. Raises UnreadableCheckpoint naming what is wrong."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # cut off, corrupt, or a pickle of other objects: torch raises several kinds
+        raise UnreadableCheckpoint(f"cannot read {path} ({str(error).strip().splitlines()[0]})") from None
+    if not isinstance(payload, dict):
+        raise UnreadableCheckpoint(
+            f"{path} is not a grpo_ma checkpoint (it holds a {type(payload).__name__})"
+        )
+    for key, kind in CHECKPOINT_KEYS.items():
+        if not isinstance(payload.get(key), kind):
+            raise UnreadableCheckpoint(f"{path} is not a grpo_ma checkpoint: {key!r} is missing or malformed")
+    return payload
+
+
+def check_resume_settings(payload: dict, cfg: Config, run: Setup, path: Path) -> None:
+    """A resume continues the same run: the settings the checkpoint recorded (bar RESUMABLE_CHANGES), the same
+    number of processes and, with LoRA, the same base weights."""
+    saved = payload["config"]
+    compared = [key for key in dataclasses.asdict(cfg) if key not in RESUMABLE_CHANGES]
+    changed = {
+        key: (saved.get(key), getattr(cfg, key)) for key in compared if saved.get(key) != getattr(cfg, key)
+    }
+    if changed:
+        raise ValueError(f"--resume with settings that differ from the checkpoint {path}: {changed}")
+    step = payload["state"].get("step")
+    if not isinstance(step, int) or cfg.steps < step:
+        raise ValueError(f"--steps {cfg.steps} is below step {step} of the checkpoint {path}")
+    if cfg.steps != saved["steps"] and cfg.kl_schedule == "dynamic":
+        raise ValueError("--steps cannot change with --kl-schedule dynamic: beta(s) depends on the total")
+    if len(payload["rng"]) != world()[1]:
+        raise ValueError(f"{path} ran with {len(payload['rng'])} processes, this run has {world()[1]}")
+    hashes = [(base or {}).get("sha256") for base in (payload["base"], run.base)]  # the folder may move
+    if hashes[0] != hashes[1]:
+        raise ValueError(f"--resume: the base model is not the one {path} was trained on: {payload['base']}")
+
+
+def restore(payload: dict, run: Setup, optimizer, cfg: Config) -> RunState:
+    """Put a checkpoint back: weights (with LoRA the adapters), optimizer, data stream and every RNG. A
+    weight of another name or shape is an error before anything is changed."""
+    expected = trained_weights(run.policy, cfg)
+    for name, value in payload["model"].items():
+        if name not in expected or not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"its weight {name!r} ({shape}) is not one of this model's")
+    if len(payload["model"]) != len(expected):
+        raise ValueError(f"it holds {len(payload['model'])} of the model's {len(expected)} trained weights")
+    run.policy.load_state_dict(payload["model"], strict=not cfg.lora_rank)
     optimizer.load_state_dict(payload["optimizer"])
     run.data_rng.setstate(payload["data_rng"])
-    rngs = payload["rng"][world()[0]]
-    random.setstate(rngs["python"])
-    np.random.set_state(rngs["numpy"])
-    torch.set_rng_state(rngs["torch"])
-    if rngs["cuda"] is not None:
-        torch.cuda.set_rng_state(rngs["cuda"], run.device)
+    set_rng_states(payload["rng"][world()[0]], run.device)
     return RunState(**payload["state"])
+
+
+def resume(out: Path, run: Setup, optimizer, cfg: Config) -> RunState:
+    """Continue from the newest checkpoint that reads as one of this run's. A file that does not (cut off by
+    a kill, corrupt, foreign) is named, set aside as NAME.unreadable, so the next save keeps the readable one
+    as its fallback, and the one before is used; settings that differ stop the resume instead."""
+    for name in CHECKPOINTS:
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            payload = read_checkpoint(path)
+            check_resume_settings(payload, cfg, run, path)
+            try:
+                return restore(payload, run, optimizer, cfg)
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise UnreadableCheckpoint(f"{path}: {str(error).strip().splitlines()[0]}") from None
+        except UnreadableCheckpoint as error:
+            print(f"warning: {error}; using the checkpoint before it", file=sys.stderr)
+            if world()[0] == 0:
+                os.replace(path, out / f"{name}.unreadable")
+    raise ValueError(f"--resume: {out} holds no readable checkpoint")
 
 
 def rollout_metrics(tree: Tree, scores: dict, examples: list[Example], cfg: Config, is_correct) -> dict:
@@ -1108,7 +1264,10 @@ def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg
     share = cfg.prompts_per_step // processes
     examples = examples[rank * share : (rank + 1) * share]
     prompts, prompt_ids, vision = encode_prompts(run.tokenizer, examples, run.processor)
-    tree = sample_tree(run.policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg, vision=vision)
+    with forward_precision(cfg, run.device):
+        tree = sample_tree(
+            run.policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg, vision=vision
+        )
     scores = score_answers(run.reward_fns, tree, examples, prompts)  # "total": (P, K, M)
     pool = dict(answer_pool=cfg.answer_pool, scale=cfg.scale_rewards, ddof=cfg.ddof)
     thought_adv, answer_adv = ma_advantages(scores["total"], **pool)  # (P, K), (P, K, M)
@@ -1126,7 +1285,7 @@ def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg
     train_start = time.time()
     beta = kl_beta(step, cfg.steps, cfg)
     run.policy.train()
-    with torch.no_grad():
+    with torch.no_grad(), forward_precision(cfg, run.device):
         ref_logps = [None if reference is None else reference_logprobs(reference, b, cfg) for b in batches]
         old_logps = [tree_logprobs(run.policy, b, cfg.temperature) for b in batches if cfg.num_iterations > 1]
     grad_norms = []
@@ -1136,7 +1295,8 @@ def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg
         for i, batch in enumerate(batches):  # gradients accumulate; the weights already normalise the step
             last = i == len(batches) - 1
             with nullcontext() if processes == 1 or last else run.forward.no_sync():  # DDP: sync once
-                logps = run.forward(batch, cfg.temperature)
+                with forward_precision(cfg, run.device):  # the forward only: see `forward_precision`
+                    logps = run.forward(batch, cfg.temperature)
                 # mu = 1: the sampling policy IS the current policy, so rho = exp(0) = 1 exactly
                 old = old_logps[i] if old_logps else logps.detach()
                 ref = ref_logps[i]
@@ -1166,54 +1326,30 @@ def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg
     return record | {"rollout_seconds": rollout_seconds, "train_seconds": time.time() - train_start}
 
 
-def open_run_folder(cfg: Config, out: Path) -> dict | None:
+def open_run_folder(cfg: Config, out: Path) -> None:
     """A run never writes into a folder that holds another run unless told: --overwrite clears the run's
-    files; --resume continues the run there and returns its newest readable checkpoint (a corrupt one falls
-    back to the one before). The settings are compared with those the checkpoint itself recorded, so a
-    second run that died before its first checkpoint can never adopt this one."""
-    holds_run = any((out / name).exists() for name in (*RUN_FILES, *CHECKPOINTS, FINAL))
+    files; --resume continues the run there (`resume` reads its checkpoint and compares the settings the
+    checkpoint itself recorded, so a second run that died before its first checkpoint never adopts it)."""
+    holds_run = any((out / name).exists() for name in (*RUN_FILES, *CHECKPOINTS, FINAL, BASE))
     if holds_run and not (cfg.resume or cfg.overwrite):
         raise ValueError(
             f"--out {out} holds another run: add --resume to continue it, --overwrite to replace it"
         )
+    if cfg.resume and not any((out / name).exists() for name in CHECKPOINTS):
+        raise ValueError(f"--resume: {out} holds no readable checkpoint")
+    if cfg.resume and saves_base(cfg) and not (out / BASE).is_dir():
+        raise ValueError(f"--resume: {out} has no {BASE}/, the base model its LoRA adapters belong on")
     if world()[1] > 1:
         dist.barrier()  # every process has looked before rank 0 changes anything
     if world()[0] == 0:
         (out / "checkpoint.tmp").unlink(missing_ok=True)  # half-written by a kill
         if cfg.overwrite:
-            shutil.rmtree(out / FINAL, ignore_errors=True)
+            for folder in (FINAL, BASE):
+                shutil.rmtree(out / folder, ignore_errors=True)
             for name in RUN_FILES + CHECKPOINTS:
                 (out / name).unlink(missing_ok=True)
         if not cfg.resume:
             out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        return None
-    for name in CHECKPOINTS:
-        try:
-            payload = torch.load(out / name, map_location="cpu", weights_only=False)
-            break
-        except FileNotFoundError:
-            continue
-        except Exception as error:  # a cut-off or corrupt file: torch raises several kinds
-            print(f"warning: cannot read {out / name} ({str(error).splitlines()[0]})", file=sys.stderr)
-            if world()[0] == 0:  # set aside, so the next save keeps the readable one as the fallback
-                os.replace(out / name, out / f"{name}.unreadable")
-    else:
-        raise ValueError(f"--resume: {out} holds no readable checkpoint")
-    saved = payload["config"]
-    compared = [key for key in dataclasses.asdict(cfg) if key not in RESUMABLE_CHANGES]
-    changed = {
-        key: (saved.get(key), getattr(cfg, key)) for key in compared if saved.get(key) != getattr(cfg, key)
-    }
-    if changed:
-        raise ValueError(f"--resume with settings that differ from the checkpoint in {out}: {changed}")
-    if cfg.steps < payload["state"]["step"]:
-        raise ValueError(f"--steps {cfg.steps} is below step {payload['state']['step']} of the checkpoint")
-    if cfg.steps != saved["steps"] and cfg.kl_schedule == "dynamic":
-        raise ValueError("--steps cannot change with --kl-schedule dynamic: beta(s) depends on the total")
-    if len(payload["rng"]) != world()[1]:
-        raise ValueError(f"{out} ran with {len(payload['rng'])} processes, this run has {world()[1]}")
-    return payload
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -1287,7 +1423,7 @@ def frozen_reference(policy, out: Path, device: torch.device):
     still compares with the start, not with its last checkpoint. (A copy, not a new model: building one
     would draw its random initialisation from the RNG the run's sampling continues from.)"""
     reference = copy.deepcopy(policy)
-    reference.load_state_dict(torch.load(out / "reference.pt", map_location=device))
+    reference.load_state_dict(torch.load(out / "reference.pt", map_location=device, weights_only=True))
     reference.zero_grad(set_to_none=True)  # the copy of the warm-up's last gradients is not needed
     return reference.eval().requires_grad_(False)
 
@@ -1321,33 +1457,40 @@ def train(
     start_processes(cfg)
     rank, processes = world()
     out = Path(cfg.out)
-    payload = open_run_folder(cfg, out)
-    run = setup_run(cfg, train_pool, eval_examples, reward_fns, is_correct)
+    open_run_folder(cfg, out)
+    # a resumed LoRA run whose base exists nowhere else loads it from OUT/base
+    base_cfg = dataclasses.replace(cfg, model=str(out / BASE)) if cfg.resume and saves_base(cfg) else cfg
+    run = setup_run(base_cfg, train_pool, eval_examples, reward_fns, is_correct)
     metrics_path = out / "metrics.jsonl"
-    reporter = open_reporter(cfg, out, payload["state"]["step"] if payload else 0) if rank == 0 else None
-    if payload is None:
+    if not cfg.resume:
         if rank == 0:
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
             metrics_path.write_text("")
-        with compute_precision(run.device):
-            supervised_warmup(run, cfg)
+        supervised_warmup(run, cfg)
         if rank == 0 and not cfg.lora_rank:
             torch.save(run.policy.state_dict(), out / "reference.pt")  # the frozen start policy of the KL
+        if rank == 0 and saves_base(cfg):
+            run.policy.save_pretrained(out / BASE)
+            (run.processor or run.tokenizer).save_pretrained(out / BASE)
     if cfg.lora_rank:  # after the warm-up, so that the adapter switched off is the start policy
+        run.base = base_identity(run.policy, cfg, out)
         run.policy = add_lora(run.policy, cfg)
+        run.policy.peft_config["default"].base_model_name_or_path = run.base["model"]  # for OUT/final
         if cfg.freeze_vision:
             freeze_vision_tower(run.policy)
         run.forward = TreeForward(run.policy)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    if payload is not None:
-        state = restore(payload, run, optimizer)
-        if rank == 0:
-            truncate_metrics(metrics_path, state.step)
-            print(f"resuming {out} from step {state.step}")
+    if cfg.resume:
+        state = resume(out, run, optimizer, cfg)
     else:
         state = RunState(start_eval=all_gather(evaluate(run, cfg) if rank == 0 else None)[0])
         state.last_eval = state.start_eval
+    reporter = open_reporter(cfg, out, state.step) if rank == 0 else None
+    if cfg.resume and rank == 0:
+        truncate_metrics(metrics_path, state.step)
+        print(f"resuming {out} from step {state.step}")
+    if not cfg.resume:
         if rank == 0:
             write_metrics(metrics_path, {"step": 0, **state.start_eval}, reporter)
             accuracy = [
@@ -1368,8 +1511,7 @@ def train(
         reference = run.policy if cfg.lora_rank else frozen_reference(run.policy, out, run.device)
     progress = tqdm(total=cfg.steps, initial=state.step, desc="GRPO-MA", unit="step", disable=rank > 0)
     for step in range(state.step + 1, cfg.steps + 1):
-        with compute_precision(run.device):
-            record = train_step(step, run, optimizer, state, reference, cfg)
+        record = train_step(step, run, optimizer, state, reference, cfg)
         state.step = step
         progress.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -49,8 +49,8 @@ Where this recipe chooses (grpo_ma's own departures from the paper are listed in
 - Images: downscaled on reading (aspect kept) to at most --max-image-pixels, 512 * 28 * 28: Qwen2.5-VL merges
   28x28 pixels into one vision token, so an image costs at most ~512 tokens of every prompt it is in.
 - No supervised warm-up: an instruct model already writes reasoning; RL only. With a warm-up and LoRA, the
-  warm-up fine-tunes every weight and the adapter is added after it, so OUT/final (the adapter alone) belongs
-  on the warmed-up weights, not on --model's: add --save-merged to keep them, in OUT/final-merged.
+  warm-up fine-tunes every weight and the adapter is added after it, so the run saves the warmed-up weights
+  once in OUT/base, and OUT/final (the adapter) names them as its base.
 
 Memory. Qwen2.5-VL-3B has 3.75B parameters; grpo_ma keeps float32 master weights (15 GB) and computes in
 bfloat16 through autocast on CUDA, because AdamW on bfloat16 weights rounds most small updates away. With LoRA
@@ -362,16 +362,6 @@ def require_vision_model(model: str) -> None:
         )
 
 
-def warn_about_warmup_under_lora(cfg: grpo_ma.Config) -> None:
-    """The warm-up trains every weight before the adapter is added; OUT/final holds the adapter alone."""
-    if cfg.warmup_steps and cfg.lora_rank and not cfg.save_merged:
-        print(
-            "warning: the warm-up fine-tunes every weight before LoRA is added, and OUT/final holds only the "
-            "adapter, which belongs on the warmed-up weights: add --save-merged to keep them",
-            file=sys.stderr,
-        )
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, args = parse_args(argv)
     if cfg.model == grpo_ma.EMBEDDED:
@@ -385,7 +375,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reward_fns = vlm_reward_functions(cfg)
     train_pool, eval_examples = load_splits(args, cfg)
     require_key_steps_for_steprar(cfg, train_pool, args.data)
-    warn_about_warmup_under_lora(cfg)
     print(f"images: {len(train_pool)} training and {len(eval_examples)} held-out examples")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in float32 uses TF32 tensor cores

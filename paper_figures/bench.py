@@ -441,7 +441,7 @@ def measure_update(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)  # as train_step: the gradients are made by the update
         synchronize(device)
         started, cpu_started = time.perf_counter(), time.process_time()
-        with G.compute_precision(device):
+        with G.forward_precision(cfg, device):  # no optimizer step inside: see grpo_ma.forward_precision
             loss, logps = update()
         synchronize(device)
         if rep >= spec["warmup_reps"]:
@@ -502,8 +502,7 @@ def measure_whole_steps(spec: dict) -> dict:
     base = dataclasses.replace(base, prompts_per_step=spec.get("prompts_per_step", base.prompts_per_step))
     run = G.setup_run(base)
     started = time.perf_counter()
-    with G.compute_precision(run.device):
-        G.supervised_warmup(run, base)
+    G.supervised_warmup(run, base)
     warmup_seconds = time.perf_counter() - started
     warm = copy.deepcopy(run.policy.state_dict())
     reference = copy.deepcopy(run.policy).eval().requires_grad_(False)
@@ -519,8 +518,7 @@ def measure_whole_steps(spec: dict) -> dict:
         records, cpu = [], []
         for step in range(1, cfg.steps + 1):
             cpu_started = time.process_time()
-            with G.compute_precision(run.device):
-                records.append(G.train_step(step, run, optimizer, state, reference, cfg))
+            records.append(G.train_step(step, run, optimizer, state, reference, cfg))
             cpu.append(time.process_time() - cpu_started)
         rollout = [r["rollout_seconds"] for r in records]
         train = [r["train_seconds"] for r in records]
@@ -1253,7 +1251,7 @@ METHOD = """\
   leaves them).
 - **Peak memory, CUDA**: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus
   `memory_allocated()` before the update for the difference; bf16 autocast through
-  `grpo_ma.compute_precision`.
+  `grpo_ma.forward_precision`.
 - **Whole step**: `grpo_ma.setup_run` + `supervised_warmup` once, then per configuration a fresh AdamW and
   `RunState`, the same warm weights, prompts and sampling seed, and `train_step`s with the frozen warm policy
   as KL reference; `rollout_seconds` and `train_seconds` are train_step's own (wall clock).

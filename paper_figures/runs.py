@@ -163,7 +163,7 @@ def eval_policy(cfg: Config, family: str, store: Path, checkpoint: Path | None =
     run = _quietly(lambda: grpo_ma.setup_run(cfg), True)  # cfg.model: the warm start folder
     if checkpoint is not None:
         run.policy.load_state_dict(
-            torch.load(checkpoint, map_location=run.device, weights_only=False)["model"]
+            torch.load(checkpoint, map_location=run.device, weights_only=True)["model"]
         )
     result = evaluate_both(run, grpo_ma.held_out_examples(cfg, family), cfg)
     store.write_text(json.dumps(result))

@@ -277,7 +277,7 @@ def test_recipe_trains_only_the_lora_adapter_of_a_tiny_vlm_offline(
     assert metrics[2]["beta"] == pytest.approx(0.10)  # GRPO-D ends at the counting pair's beta_max
     assert metrics[1]["kl"] == 0.0 and metrics[2]["kl"] > 0  # a fresh adapter is its reference, then moves
 
-    trained = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    trained = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     adapters = {name: tensor for name, tensor in trained.items() if "lora_" in name}
     assert adapters and any(tensor.abs().sum() > 0 for name, tensor in adapters.items() if "lora_B" in name)
     assert any("language_model" in name for name in adapters)

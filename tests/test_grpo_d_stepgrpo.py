@@ -44,7 +44,7 @@ def read_metrics(folder):
 def assert_learned(folder):
     """Every step had a gradient, and the final weights differ from the start policy."""
     assert all(line["grad_norm"] > 0 for line in read_metrics(folder)[1:])
-    final = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    final = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     start = torch.load(folder / "reference.pt", map_location="cpu")
     assert any(not torch.equal(final[name], start[name]) for name in start)
 

@@ -80,7 +80,7 @@ def read_metrics(folder):
 
 
 def load_checkpoint(folder, name="checkpoint.pt"):
-    return torch.load(folder / name, map_location="cpu", weights_only=False)
+    return torch.load(folder / name, map_location="cpu", weights_only=True)
 
 
 def assert_learned(folder):

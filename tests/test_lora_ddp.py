@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import grpo_ma as G
 
@@ -24,6 +26,9 @@ def tiny_run(out, *extra):
 def answer_length_reward(prompts, thoughts, answers, examples):
     """Varies with the sampled text, so a step of an untrained policy still has a gradient."""
     return [len(answer) / 10 for answer in answers]
+
+
+REWARDS = [(answer_length_reward, 1.0)]
 
 
 def read_metrics(folder):
@@ -44,19 +49,57 @@ def test_lora_trains_only_the_adapters_and_its_kl_starts_at_zero(tmp_path):
     warmed = G.setup_run(cfg)  # the same seeding: the warm-up is deterministic on the CPU
     G.supervised_warmup(warmed, cfg)
     start = warmed.policy.state_dict()
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
-    adapters = [name for name in saved if "lora_" in name]
-    assert adapters and any(saved[name].abs().sum() > 0 for name in adapters if "lora_B" in name)
-    for name, tensor in saved.items():
-        if name not in adapters:  # every base weight is still the warm-up's
-            plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            assert torch.equal(tensor, start[plain]), name
-
-    from transformers import AutoModelForCausalLM
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["model"] and all("lora_" in name for name in saved["model"])  # the adapters alone
+    assert any(saved["model"][name].abs().sum() > 0 for name in saved["model"] if "lora_B" in name)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # the warmed-up base, saved once
+    assert base.state_dict().keys() == start.keys()
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, start[name]), name
+    assert saved["base"]["model"] == str((tmp_path / "base").resolve())
 
     assert (tmp_path / "final" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final-merged")
     assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in warmed.policy.parameters())
+
+
+def test_lora_checkpoint_is_the_adapter_and_its_optimizer_state_not_the_base(tmp_path):
+    """Within twice the bytes of the adapter and its two AdamW moments: the frozen base is not copied into
+    every checkpoint (it lives once in OUT/base and is named by a hash of its weights)."""
+    G.train(G.parse_args(tiny_run(tmp_path, "--steps", "1", "--lora-rank", "4")))
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    adapter_bytes = sum(t.numel() * t.element_size() for t in saved["model"].values())
+    assert (tmp_path / "checkpoint.pt").stat().st_size <= 2 * 3 * adapter_bytes
+    assert len(saved["base"]["sha256"]) == 64
+
+
+def test_final_adapter_loads_on_its_own_offline_and_scores_as_the_trained_policy(tmp_path, no_network):
+    """OUT/final names the base it belongs on (for the embedded default: the warmed-up weights in OUT/base),
+    so peft's AutoPeftModelForCausalLM loads the trained policy from OUT/final alone."""
+    from peft import AutoPeftModelForCausalLM
+
+    G.train(G.parse_args(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4")), reward_fns=REWARDS)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    weights = loaded.state_dict()
+    for name, tensor in saved.items():
+        assert torch.equal(weights[name], tensor), name
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ids = torch.tensor([G.build_char_tokenizer().encode("2+3-1=?<think>1:2+3=5;")])
+    with torch.no_grad():
+        assert not torch.allclose(loaded(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_resume_on_another_base_is_refused(tmp_path, capsys):
+    G.train(G.parse_args(tiny_run(tmp_path, "--steps", "1", "--lora-rank", "4")))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        base.model.norm.weight.add_(0.01)
+    base.save_pretrained(tmp_path / "base")
+    with pytest.raises(SystemExit):
+        G.main(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4", "--resume"))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: --resume: the base model is not the one") and "checkpoint.pt" in line
 
 
 def constant_reward(prompts, thoughts, answers, examples):
@@ -81,8 +124,8 @@ def test_lora_run_resumed_from_a_checkpoint_ends_bit_exact(tmp_path):
     )
     resumed = G.parse_args(tiny_run(tmp_path / "parts", "--steps", "3", "--lora-rank", "4", "--resume"))
     G.train(resumed, reward_fns=rewards)
-    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    parts = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    parts = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
     assert read_metrics(tmp_path / "straight")[3]["grad_norm"] > 0
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, parts["model"][name]), name

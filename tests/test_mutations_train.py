@@ -147,13 +147,25 @@ def test_micro_batches_change_nothing_but_memory(how):
         torch.testing.assert_close(deltas[1][name], delta, rtol=1e-3, atol=1e-7, msg=name)
 
 
-def test_later_iterations_compare_with_the_sampling_policy(monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_later_iterations_compare_with_the_sampling_policy(monkeypatch, precision):
     """mu = 2: the old log-probs are the sampling policy's, computed once before both optimizer steps, so the
-    first iteration has ratio 1 and the second, after the policy moved, does not."""
-    cfg = small_config(num_iterations=2, lr=1e-2)
+    first iteration has ratio 1 and the second, after the policy moved, does not. Under bf16 autocast this
+    also holds only if no optimizer step runs inside an autocast context: one that did would score the
+    second iteration with the bf16 weights cast before the first step."""
+    cfg = small_config(num_iterations=2, lr=1e-2, precision=precision)
     run, optimizer = start(cfg)
     spy = Spy(monkeypatch)
+    real_step = optimizer.step
+    autocast_at_steps = []
+
+    def step_and_record(*args, **kwargs):
+        autocast_at_steps.append(torch.is_autocast_enabled("cpu"))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "step", step_and_record)
     record = G.train_step(1, run, optimizer, G.RunState(), None, cfg)
+    assert autocast_at_steps == [False, False]
     assert len(spy.losses) == 2
     (first, first_old), (second, second_old) = spy.losses
     torch.testing.assert_close(first, first_old, rtol=0, atol=1e-5)
@@ -268,8 +280,8 @@ def test_restore_puts_back_weights_optimizer_moments_data_stream_and_rngs(tmp_pa
 
     other, other_optimizer = start(small_config(lr=1e-3, seed=1))  # another start: restore must overwrite it
     torch.manual_seed(123)
-    payload = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
-    restored = G.restore(payload, other, other_optimizer)
+    payload = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    restored = G.restore(payload, other, other_optimizer, cfg)
     assert restored == state
     for name, value in run.policy.state_dict().items():
         assert torch.equal(other.policy.state_dict()[name], value), name

@@ -9,6 +9,7 @@ checkpoints could not be told apart."""
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def read_metrics(folder):
 
 
 def load_checkpoint(folder, name="checkpoint.pt"):
-    return torch.load(folder / name, map_location="cpu", weights_only=False)
+    return torch.load(folder / name, map_location="cpu", weights_only=True)
 
 
 def copy_of(folder: Path, tmp_path: Path) -> Path:
@@ -255,6 +256,64 @@ def test_resume_from_the_fallback_keeps_a_readable_fallback(fallback_run):
     """The unreadable file is not rotated in as the fallback of the checkpoint written next: a kill or a
     damaged file then would leave the run without any checkpoint to resume."""
     assert load_checkpoint(fallback_run.folder, "checkpoint.prev.pt")["state"]["step"] in (1, 2)
+
+
+class RunsACommand:
+    """What an attacker would put in a checkpoint: unpickled, it runs a shell command (here: touch a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def foreign_checkpoint(kind: str, folder: Path, marker: Path):
+    """A checkpoint.pt this program did not write, and the words the warning must use for it."""
+    payload = load_checkpoint(folder)
+    if kind == "code":
+        payload = RunsACommand(marker)
+        words = "cannot read"
+    elif kind == "missing key":
+        del payload["optimizer"]
+        words = "'optimizer' is missing"
+    elif kind == "wrong shape":
+        name = next(iter(payload["model"]))
+        payload["model"][name] = torch.zeros(3, 3)
+        words = f"{name!r} ((3, 3)) is not one of this model's"
+    else:  # a plain tensor
+        payload = torch.zeros(2)
+        words = "it holds a Tensor"
+    torch.save(payload, folder / "checkpoint.pt")
+    return words
+
+
+@pytest.mark.parametrize("kind", ["code", "missing key", "wrong shape", "tensor"])
+def test_foreign_checkpoint_is_named_set_aside_and_never_executed(finished_run, tmp_path, kind, learning):
+    """A run folder is data: the safe loader never runs what a file holds. A file that is not a checkpoint of
+    this run gets one warning naming it and what is wrong, and the resume continues from the one before."""
+    folder = copy_of(finished_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    words = foreign_checkpoint(kind, folder, marker)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        G.main(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "3"))
+    assert not marker.exists()
+    warnings = [line for line in err.getvalue().splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and str(folder / "checkpoint.pt") in warnings[0] and words in warnings[0]
+    assert (folder / "checkpoint.pt.unreadable").exists()
+    assert f"resuming {folder} from step 1" in out.getvalue()
+    assert [line["step"] for line in read_metrics(folder)] == [0, 1, 2, 3]
+
+
+def test_run_holding_only_foreign_checkpoints_is_refused_without_running_them(finished_run, tmp_path, capsys):
+    folder = copy_of(finished_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    for name in G.CHECKPOINTS:
+        torch.save(RunsACommand(marker), folder / name)
+    line = refused(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "3"), capsys)
+    assert not marker.exists()
+    assert line == f"error: --resume: {folder} holds no readable checkpoint"
 
 
 def test_malformed_metrics_line_is_reported_with_file_and_line_number(finished_run, tmp_path, capsys):

@@ -168,3 +168,26 @@ def test_examples_with_images_need_a_processor(vlm):
     _, tokenizer, _, examples = vlm
     with pytest.raises(ValueError, match="carry images"):
         G.encode_prompts(tokenizer, examples)
+
+
+def test_tree_forward_under_bf16_autocast_follows_the_float32_one(vlm):
+    """--precision bf16 on the CPU runs what CUDA runs: the pixels, the M-RoPE positions and the cache of a
+    vision-language model through autocast. The log-probs stay within bf16's rounding of float32's, and the
+    gradient still reaches the vision tower."""
+    model, tokenizer, processor, examples = vlm
+    tree = vlm_tree(tokenizer, processor, examples)
+    weights = G.loss_weights(tree, "token")
+    batch = G.build_tree_batch(
+        tree, tree.thought_slots(), torch.zeros(3, 2), torch.zeros(3, 2, 3), weights, 0, "cpu"
+    )
+    with torch.no_grad():
+        full = G.tree_logprobs(model, batch, 1.0)
+    model.zero_grad(set_to_none=True)
+    with G.forward_precision(G.Config(precision="bf16"), torch.device("cpu")):
+        half = G.tree_logprobs(model, batch, 1.0)
+    half.sum().backward()
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert 0 < (half - full).abs().max() < 0.1  # bf16 did run, and only rounded
+    visual = [p.grad for name, p in model.named_parameters() if "visual" in name and p.grad is not None]
+    assert visual and all(torch.isfinite(grad).all() for grad in visual)
+    model.zero_grad(set_to_none=True)
