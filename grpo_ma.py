@@ -14,13 +14,10 @@ is silent; theory/README.md states the variance claims that theory/ checks.
 import argparse
 import copy
 import dataclasses
-import hashlib
-import importlib.util
 import json
 import os
 import random
 import re
-import shutil
 import sys
 import time
 import zlib
@@ -31,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -45,13 +41,15 @@ EMBEDDED = "embedded"
 MAX_ABS_REWARD = 1e150  # beyond this the float64 squares in the std overflow
 LOSS_AGGREGATIONS = ("token", "sequence", "grpo", "dr_grpo")
 VISION_MARKERS = ("image", "video", "vision_start", "vision_end")  # a Qwen2-VL config's <name>_token_id
-REPORTERS = ("none", "tensorboard", "wandb")  # optional extras: pip install "grpo-ma[tensorboard]"
+
+
+PROGRESS_BARS = True  # grpo_ma_run.py turns them off in every process but the first
 
 
 # ================================================================================================
 # 1. Config: every default visible, every field a CLI flag, every bound checked before any work
 # ================================================================================================
-def opt(default, help: str, **extra):
+def setting(default, help: str, **extra):
     """A Config field: its help text and optionally `choices` or bounds: low (>=), above (>), below (<)."""
     return field(default=default, metadata={"help": help, **extra})
 
@@ -59,88 +57,84 @@ def opt(default, help: str, **extra):
 @dataclass
 class Config:
     # the tree: T{K}A{M}
-    thoughts: int = opt(4, "K: thoughts sampled per prompt (stage 1); a group needs 2", low=2)
-    answers: int = opt(4, "M: answers sampled per thought (stage 2); M=1 is plain GRPO", low=1)
-    prompts_per_step: int = opt(8, "prompts per optimizer step", low=1)
-    steps: int = opt(150, "GRPO-MA optimizer steps (may be raised on --resume)", low=0)
-    micro_batch: int = opt(0, "thoughts (each with its M answers) per forward and backward; 0: all", low=0)
+    thoughts: int = setting(4, "K: thoughts sampled per prompt (stage 1); a group needs 2", low=2)
+    answers: int = setting(4, "M: answers sampled per thought (stage 2); M=1 is plain GRPO", low=1)
+    prompts_per_step: int = setting(8, "prompts per optimizer step", low=1)
+    steps: int = setting(150, "GRPO-MA optimizer steps", low=0)
+    micro_batch: int = setting(
+        0, "thoughts (each with its M answers) per forward and backward; 0: all", low=0
+    )
     # the embedded model's supervised warm-up
-    warmup_steps: int = opt(450, "supervised warm-up steps on reference solutions before RL", low=0)
-    warmup_lr: float = opt(1e-3, "learning rate of the supervised warm-up", above=0)
-    warmup_batch: int = opt(64, "examples per supervised warm-up step", low=1)
+    warmup_steps: int = setting(450, "supervised warm-up steps on reference solutions before RL", low=0)
+    warmup_lr: float = setting(1e-3, "learning rate of the supervised warm-up", above=0)
+    warmup_batch: int = setting(64, "examples per supervised warm-up step", low=1)
     # optimisation
-    lr: float = opt(5e-5, "AdamW learning rate for GRPO-MA", above=0)
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this value", above=0)
-    num_iterations: int = opt(1, "mu: optimizer steps per rollout batch; 1 means ratio == 1 exactly", low=1)
+    lr: float = setting(5e-5, "AdamW learning rate for GRPO-MA", above=0)
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this value", above=0)
+    num_iterations: int = setting(
+        1, "mu: optimizer steps per rollout batch; 1 means ratio == 1 exactly", low=1
+    )
     # loss
-    beta: float = opt(0.04, "KL weight for --kl-schedule constant (TRL's default)", low=0)
-    kl_schedule: str = opt(
+    beta: float = setting(0.04, "KL weight for --kl-schedule constant (TRL's default)", low=0)
+    kl_schedule: str = setting(
         "constant", "beta(s): constant, or dynamic (GRPO-D)", choices=("constant", "dynamic")
     )
-    beta_min: float = opt(0.04, "GRPO-D: lowest beta, reached at the end of exploration", low=0)
-    beta_max: float = opt(0.10, "GRPO-D: beta at the last step", low=0)
-    explore_share: float = opt(0.3, "GRPO-D: w/t, the share of steps over which beta falls", above=0, below=1)
-    epsilon: float = opt(0.2, "lower clip range: ratio >= 1 - epsilon", low=0, below=1)
-    epsilon_high: float = opt(0.2, "upper clip range: ratio <= 1 + epsilon_high (clip-higher)", low=0)
-    loss_agg: str = opt(
+    beta_min: float = setting(0.04, "GRPO-D: lowest beta, reached at the end of exploration", low=0)
+    beta_max: float = setting(0.10, "GRPO-D: beta at the last step", low=0)
+    explore_share: float = setting(
+        0.3, "GRPO-D: w/t, the share of steps over which beta falls", above=0, below=1
+    )
+    epsilon: float = setting(0.2, "lower clip range: ratio >= 1 - epsilon", low=0, below=1)
+    epsilon_high: float = setting(0.2, "upper clip range: ratio <= 1 + epsilon_high (clip-higher)", low=0)
+    loss_agg: str = setting(
         "token", "token (TRL: dapo, bnpo), sequence (J_clip), grpo, dr_grpo", choices=LOSS_AGGREGATIONS
     )
-    kl_bias_correction: bool = opt(False, "multiply the KL term by the ratio rho_t (TRL's default)")
-    mask_truncated: bool = opt(False, "leave answers that never closed out of the loss")
+    kl_bias_correction: bool = setting(False, "multiply the KL term by the ratio rho_t (TRL's default)")
+    mask_truncated: bool = setting(False, "leave answers that never closed out of the loss")
     # advantages
-    answer_pool: str = opt("all", "answer advantage group: K*M answers, or M", choices=("all", "thought"))
-    scale_rewards: bool = opt(True, "divide by the group std; --no-scale-rewards centres only (Dr. GRPO)")
-    ddof: int = opt(1, "delta degrees of freedom of the std (1: unbiased, as TRL and verl)", choices=(0, 1))
+    answer_pool: str = setting("all", "answer advantage group: K*M answers, or M", choices=("all", "thought"))
+    scale_rewards: bool = setting(True, "divide by the group std; --no-scale-rewards centres only (Dr. GRPO)")
+    ddof: int = setting(
+        1, "delta degrees of freedom of the std (1: unbiased, as TRL and verl)", choices=(0, 1)
+    )
     # rewards
-    reward: str = opt("accuracy,format", "comma-separated: accuracy, format, steprar, steprvr")
-    reward_weights: str = opt("", "comma-separated weights, one per reward (empty: all 1)")
-    step_alpha: float = opt(0.1, "StepRAR: weight of the key-step match fraction")
+    reward: str = setting("accuracy,format", "comma-separated: accuracy, format, steprar, steprvr")
+    reward_weights: str = setting("", "comma-separated weights, one per reward (empty: all 1)")
+    step_alpha: float = setting(0.1, "StepRAR: weight of the key-step match fraction")
     # sampling
-    temperature: float = opt(1.0, "sampling temperature; the loss divides logits by it too", above=0)
-    max_thought_tokens: int = opt(40, "token budget of a thought; longer ones are closed by force", low=1)
-    max_answer_tokens: int = opt(10, "token budget of an answer", low=1)
+    temperature: float = setting(1.0, "sampling temperature; the loss divides logits by it too", above=0)
+    max_thought_tokens: int = setting(40, "token budget of a thought; longer ones are closed by force", low=1)
+    max_answer_tokens: int = setting(10, "token budget of an answer", low=1)
     # task and model
-    task: str = opt("addsub", "embedded task family for training", choices=("addsub", "muladd"))
-    eval_task: str = opt("", "held-out task family (empty: --task)", choices=("", "addsub", "muladd"))
-    model: str = opt(EMBEDDED, "'embedded' (the small Qwen2 built here), or a hub id / folder of a Qwen")
-    lora_rank: int = opt(0, "LoRA rank (peft), adapters added after the warm-up; 0: full fine-tuning", low=0)
-    lora_alpha: int = opt(16, "LoRA alpha: the adapters' update is scaled by alpha / rank", low=1)
-    lora_dropout: float = opt(0.0, "LoRA dropout", low=0, below=1)
-    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "modules LoRA adapts")
-    freeze_vision: bool = opt(False, "never train a vision-language model's vision tower (nor its adapters)")
-    device: str = opt("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    precision: str = opt(
+    task: str = setting("addsub", "embedded task family for training", choices=("addsub", "muladd"))
+    eval_task: str = setting("", "held-out task family (empty: --task)", choices=("", "addsub", "muladd"))
+    model: str = setting(EMBEDDED, "'embedded' (the small Qwen2 built here), or a hub id / folder of a Qwen")
+    lora_rank: int = setting(
+        0, "LoRA rank (peft), adapters added after the warm-up; 0: full fine-tuning", low=0
+    )
+    lora_alpha: int = setting(16, "LoRA alpha: the adapters' update is scaled by alpha / rank", low=1)
+    lora_dropout: float = setting(0.0, "LoRA dropout", low=0, below=1)
+    lora_targets: str = setting(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "modules LoRA adapts"
+    )
+    freeze_vision: bool = setting(
+        False, "never train a vision-language model's vision tower (nor its adapters)"
+    )
+    device: str = setting("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    precision: str = setting(
         "auto",
         "forward passes: auto (bf16 on CUDA, fp32 on a CPU), fp32, or bf16 autocast on either device",
         choices=("auto", "fp32", "bf16"),
     )
-    seed: int = opt(0, "seed of data, model init and sampling")
+    seed: int = setting(0, "seed of data, model init and sampling")
     # the run's folder
-    out: str = opt("runs/default", "output folder: config, metrics, checkpoints, summary, final/")
-    resume: bool = opt(False, "continue the run in --out from its last checkpoint")
-    overwrite: bool = opt(False, "clear the run files in --out and start a new run there")
-    save_every: int = opt(10, "write a checkpoint every N steps", low=1)
-    save_merged: bool = opt(False, "with LoRA: also save the merged model in OUT/final-merged")
-    eval_every: int = opt(50, "held-out evaluation every N steps (and at start and end)", low=1)
-    eval_size: int = opt(200, "held-out prompts per evaluation", low=1)
-    report_to: str = opt(
-        "none", "also log metrics to tensorboard (OUT/tensorboard) or wandb", choices=REPORTERS
+    out: str = setting(
+        "runs/default", "output folder: config, metrics, summary, final/ (and base/ with LoRA)"
     )
-    gss_window: int = opt(50, "steps in the gradient-spike-score running mean", low=1)
-
-
-# settings a resumed run may change: none of them changes what the run computes
-RESUMABLE_CHANGES = {
-    "resume",
-    "overwrite",
-    "device",
-    "out",
-    "steps",
-    "save_every",
-    "save_merged",
-    "micro_batch",
-    "report_to",
-}
+    save_merged: bool = setting(False, "with LoRA: also save the merged model in OUT/final-merged")
+    eval_every: int = setting(50, "held-out evaluation every N steps (and at start and end)", low=1)
+    eval_size: int = setting(200, "held-out prompts per evaluation", low=1)
+    gss_window: int = setting(50, "steps in the gradient-spike-score running mean", low=1)
 
 
 def flag(name: str) -> str:
@@ -164,7 +158,6 @@ def validate_config(cfg: Config) -> None:
         (cfg.answer_pool != "thought" or cfg.answers >= 2, "--answer-pool thought needs --answers >= 2"),
         (cfg.beta_min <= cfg.beta_max, f"--beta-min {cfg.beta_min} exceeds --beta-max {cfg.beta_max}"),
         (cfg.kl_schedule != "dynamic" or cfg.steps >= 1, "--kl-schedule dynamic needs --steps >= 1"),
-        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
     ]
     for ok, message in rules:
         if not ok:
@@ -174,15 +167,6 @@ def validate_config(cfg: Config) -> None:
     if cfg.model != EMBEDDED and as_path and not Path(cfg.model).expanduser().is_dir():
         raise ValueError(f"--model {cfg.model}: no such folder")
     reward_functions(cfg)  # raises on unknown names or a weight count that does not match
-    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        raise ValueError(
-            f'--report-to {cfg.report_to} needs its package: pip install "grpo-ma[{cfg.report_to}]"'
-        )
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-    if cfg.prompts_per_step % processes:
-        raise ValueError(
-            f"--prompts-per-step {cfg.prompts_per_step} does not split over {processes} processes"
-        )
 
 
 # ================================================================================================
@@ -708,10 +692,13 @@ class TreeBatch:
     vision: list = field(default_factory=list)  # [B] each thought's prompt's image inputs, or empty
 
 
-def loss_weights(tree: Tree, how: str, counted=None, max_length: int = 1) -> tuple[list, list]:
+def loss_weights(
+    tree: Tree, aggregation: str, counted=None, max_length: int = 1, total: Callable | None = None
+) -> tuple[list, list]:
     """w_t of each token of each thought [P][K] and each answer [P][K][M] in loss = sum_t w_t * L_t, fixed
     over the WHOLE step before any micro-batch, so the update is the same whatever the micro-batch. Answers
-    not `counted` ([P][K][M] bools, --mask-truncated) weigh 0. With N counted answers:
+    not `counted` ([P][K][M] bools, --mask-truncated) weigh 0. `total` sums the counts over every process's
+    trees (None: these trees are the whole step). With N counted answers, by `aggregation`:
     token: 1 / (counted tokens: each thought's once, plus every answer's); GRPO's token mean when M = 1.
     sequence: 1 / (thoughts * the thought's length) and 1 / (N * the answer's length): the mean of the
     thoughts' token means plus the mean of the answers' token means (the paper's J_clip).
@@ -726,19 +713,20 @@ def loss_weights(tree: Tree, how: str, counted=None, max_length: int = 1) -> tup
         answer_len[p][k][m] * counted[p][k][m] for p, k, m in slots
     )
     counts["thoughts"] = sum(n > 0 for by_p in thought_len for n in by_p)  # an empty thought has no mean
-    counts = {key: max(value, 1) for key, value in all_reduce_sum(counts).items()}  # every process's trees
+    counts = total(counts) if total else counts  # over every process's trees (Processes.total)
+    counts = {key: max(value, 1) for key, value in counts.items()}
     thought_share = [[0.0] * len(by_p) for by_p in thought_len]
     answer_share = [[[0.0] * len(by_k) for by_k in by_p] for by_p in answer_len]
     for p, k in tree.thought_slots():
         n_thought = thought_len[p][k]
         lengths = answer_len[p][k]
-        if how == "token":
+        if aggregation == "token":
             shares = [1 / counts["tokens"] for _ in lengths]
             thought_share[p][k] = 1 / counts["tokens"]
-        elif how == "sequence":
+        elif aggregation == "sequence":
             shares = [1 / (counts["answers"] * n) for n in lengths]
             thought_share[p][k] = 1 / (counts["thoughts"] * max(n_thought, 1))
-        elif how == "grpo":
+        elif aggregation == "grpo":
             shares = [c / (counts["answers"] * (n_thought + n)) for n, c in zip(lengths, counted[p][k])]
             thought_share[p][k] = sum(shares) / len(shares)
         else:  # dr_grpo
@@ -900,31 +888,8 @@ METRIC_KEYS = (
     "answer_len", "truncated_frac", "tokens_generated", "rollout_seconds", "train_seconds",
     "eval_greedy_accuracy", "eval_sampled_accuracy",
 )  # fmt: skip
-RUN_FILES = ("config.json", "metrics.jsonl", "reference.pt", "summary.json")
 FINAL = "final"  # the trained policy, save_pretrained's folder
-CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")  # the newest first
 BASE = "base"  # a LoRA run's base model when it exists nowhere else (see `saves_base`)
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes): (0, 1) unless launched by torchrun."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather(obj) -> list:
-    """Every process's `obj`, in rank order ([obj] in a single process)."""
-    gathered = [obj] * world()[1]
-    if world()[1] > 1:
-        dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def all_reduce_sum(counts: dict) -> dict:
-    """Each count summed over the processes."""
-    parts = all_gather(counts)
-    return {key: sum(part[key] for part in parts) for key in counts}
 
 
 def forward_precision(cfg: Config, device: torch.device):
@@ -938,11 +903,12 @@ def forward_precision(cfg: Config, device: torch.device):
 
 
 def pick_device(cfg: Config) -> torch.device:
+    """The CPU, or the current CUDA device (under torchrun, grpo_ma_run.py makes it this process's own)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     if cfg.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one device per process
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def encode_prompts(tokenizer, examples: list[Example], processor=None) -> tuple[list, list, list]:
@@ -967,9 +933,10 @@ def encode_prompts(tokenizer, examples: list[Example], processor=None) -> tuple[
 
 
 @dataclass
-class Setup:
-    """What a run starts from: the policy and its tokenizer, where it runs, the task (a recipe's examples or
-    the embedded generator, the held-out set, the reward functions, the answer check) and the data stream."""
+class Run:
+    """What a run trains and on what: the policy and its tokenizer, where it runs, the task (a recipe's
+    examples or the embedded generator, the held-out set, the reward functions, the answer check) and the
+    data stream."""
 
     policy: torch.nn.Module
     tokenizer: object
@@ -981,12 +948,11 @@ class Setup:
     reward_fns: list[tuple[RewardFn, float]]
     is_correct: Callable[[str, Example], bool]
     forward: torch.nn.Module | None = None  # the update's TreeForward(policy), in DDP under torchrun
-    base: dict | None = None  # with LoRA: where the frozen base loads from, and a hash of its weights
 
 
-def setup_run(
+def start_run(
     cfg: Config, train_pool=None, eval_examples=None, reward_fns=None, is_correct=answer_is_correct
-):
+) -> Run:
     """Seed every RNG, then load the policy: the order of draws each run starts from, so that a warm start
     made elsewhere (paper_figures/) is exactly the one train() makes. By default the embedded task."""
     random.seed(cfg.seed)
@@ -999,10 +965,10 @@ def setup_run(
     pool = None if train_pool is None else list(train_pool)
     eval_examples = held_out_examples(cfg) if eval_examples is None else list(eval_examples)
     task = (pool, eval_examples, reward_fns or reward_functions(cfg), is_correct)
-    return Setup(policy, tokenizer, processor, device, random.Random(cfg.seed), *task, TreeForward(policy))
+    return Run(policy, tokenizer, processor, device, random.Random(cfg.seed), *task, TreeForward(policy))
 
 
-def supervised_warmup(run: Setup, cfg: Config) -> list[float]:
+def supervised_warmup(run: Run, cfg: Config) -> list[float]:
     """A short cross-entropy warm-up on reference solutions (thought + answer tokens only, never the prompt),
     so the start policy knows the format and is partly right: RL then has both signal and room. Returns the
     loss of every step."""
@@ -1010,7 +976,7 @@ def supervised_warmup(run: Setup, cfg: Config) -> list[float]:
     optimizer = torch.optim.AdamW(run.policy.parameters(), lr=cfg.warmup_lr)
     run.policy.train()
     tokenizer = run.tokenizer
-    for _ in tqdm(range(cfg.warmup_steps), desc="warm-up", leave=False, disable=world()[0] > 0):
+    for _ in tqdm(range(cfg.warmup_steps), desc="warm-up", leave=False, disable=not PROGRESS_BARS):
         examples = draw_examples(run.data_rng, cfg.warmup_batch, cfg, run.pool)
         _, prompt_ids, vision = encode_prompts(tokenizer, examples, run.processor)
         solutions = [e.thought + ANSWER_OPEN + e.answer + ANSWER_CLOSE for e in examples]
@@ -1035,7 +1001,7 @@ def supervised_warmup(run: Setup, cfg: Config) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(run: Setup, cfg: Config, examples: list[Example] | None = None) -> dict[str, float]:
+def evaluate(run: Run, cfg: Config, examples: list[Example] | None = None) -> dict[str, float]:
     """Held-out accuracy with one thought and one answer per prompt, greedy and at the sampling temperature
     (the sampled one draws from torch's global RNG, like training)."""
     examples = run.eval_examples if examples is None else examples
@@ -1054,8 +1020,8 @@ def evaluate(run: Setup, cfg: Config, examples: list[Example] | None = None) -> 
 
 
 @dataclass
-class RunState:
-    """The run's progress besides weights, optimizer and RNGs; saved with them in every checkpoint."""
+class Progress:
+    """How far the run has come, besides weights, optimizer and RNGs."""
 
     step: int = 0
     grad_norms: list[float] = field(default_factory=list)
@@ -1075,176 +1041,58 @@ class RunState:
         return gss
 
 
-def rng_states(device: torch.device) -> dict:
-    """Every RNG a step draws from, as tensors and plain Python values (torch's safe loader reads them)."""
-    kind, key, position, has_gauss, gauss = np.random.get_state()
-    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    states["numpy"] = (kind, torch.from_numpy(key.astype(np.int64)), position, has_gauss, gauss)
-    states["cuda"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None  # GPU only
-    return states
+@dataclass(frozen=True)
+class Processes:
+    """The processes that share a step: this one's rank, how many there are, and how a dict of numbers is
+    summed over all of them. One process by default; grpo_ma_run.py hands in torchrun's."""
+
+    rank: int = 0
+    count: int = 1
+    sum: Callable[[dict], dict] | None = None  # None: one process, whose numbers are already the totals
+
+    def total(self, numbers: dict) -> dict:
+        return numbers if self.sum is None else self.sum(numbers)
 
 
-def set_rng_states(states: dict, device: torch.device) -> None:
-    random.setstate(states["python"])
-    kind, key, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def trained_weights(policy, cfg: Config) -> dict:
-    """What a checkpoint keeps of the policy: every weight, or with LoRA the trained adapters alone (the
-    frozen base never changes; the checkpoint names it by `base_identity` instead)."""
-    weights = policy.state_dict()
-    if not cfg.lora_rank:
-        return weights
-    trained = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
-    return {name: value for name, value in weights.items() if name in trained}
-
-
-def saves_base(cfg: Config) -> bool:
-    """A LoRA run whose base exists nowhere else (the embedded model, or weights the warm-up changed) saves
-    it once in OUT/base, where its adapters (OUT/final) and a resume find it."""
-    return cfg.lora_rank > 0 and (cfg.warmup_steps > 0 or cfg.model == EMBEDDED)
-
-
-def base_identity(model, cfg: Config, out: Path) -> dict:
-    """Where a LoRA run's base loads from (OUT/base, a hub id or an absolute folder) and a SHA-256 of its
-    weights, so a resume on another base stops instead of training adapters that belong elsewhere."""
-    if saves_base(cfg):
-        source = str((out / BASE).resolve())
-    else:
-        source = cfg.model if not Path(cfg.model).expanduser().is_dir() else str(Path(cfg.model).resolve())
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
-    return {"model": source, "sha256": digest.hexdigest()}
-
-
-def save_checkpoint(out: Path, run: Setup, optimizer, state: RunState, cfg: Config) -> None:
-    """Everything the next step depends on, RNG states included, as tensors and plain values only. Written to
-    a temporary file and renamed into place, so a kill mid-write leaves no half file; the checkpoint before
-    stays as a fallback."""
-    rngs = all_gather(rng_states(run.device))  # every process samples from its own stream
-    if world()[0] > 0:
-        return
-    payload = {"config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state), "rng": rngs}
-    payload |= {"model": trained_weights(run.policy, cfg), "optimizer": optimizer.state_dict()}
-    payload |= {"data_rng": run.data_rng.getstate(), "base": run.base}
-    torch.save(payload, out / "checkpoint.tmp")
-    if (out / CHECKPOINTS[0]).exists():
-        os.replace(out / CHECKPOINTS[0], out / CHECKPOINTS[1])
-    os.replace(out / "checkpoint.tmp", out / CHECKPOINTS[0])
-
-
-class UnreadableCheckpoint(ValueError):
-    """A checkpoint file that is not one this program wrote for this model: set aside, the one before used."""
-
-
-CHECKPOINT_KEYS = {
-    "config": dict, "state": dict, "rng": list, "model": dict, "optimizer": dict, "data_rng": tuple,
-    "base": (dict, type(None)),
-}  # fmt: skip
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint read as data: torch's safe loader (weights_only) rebuilds tensors and plain values and
-    refuses anything else, so a file can never run code. Raises UnreadableCheckpoint naming what is wrong."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # cut off, corrupt, or a pickle of other objects: torch raises several kinds
-        raise UnreadableCheckpoint(f"cannot read {path} ({str(error).strip().splitlines()[0]})") from None
-    if not isinstance(payload, dict):
-        raise UnreadableCheckpoint(
-            f"{path} is not a grpo_ma checkpoint (it holds a {type(payload).__name__})"
-        )
-    for key, kind in CHECKPOINT_KEYS.items():
-        if not isinstance(payload.get(key), kind):
-            raise UnreadableCheckpoint(f"{path} is not a grpo_ma checkpoint: {key!r} is missing or malformed")
-    return payload
-
-
-def check_resume_settings(payload: dict, cfg: Config, run: Setup, path: Path) -> None:
-    """A resume continues the same run: the settings the checkpoint recorded (bar RESUMABLE_CHANGES), the same
-    number of processes and, with LoRA, the same base weights."""
-    saved = payload["config"]
-    compared = [key for key in dataclasses.asdict(cfg) if key not in RESUMABLE_CHANGES]
-    changed = {
-        key: (saved.get(key), getattr(cfg, key)) for key in compared if saved.get(key) != getattr(cfg, key)
-    }
-    if changed:
-        raise ValueError(f"--resume with settings that differ from the checkpoint {path}: {changed}")
-    step = payload["state"].get("step")
-    if not isinstance(step, int) or cfg.steps < step:
-        raise ValueError(f"--steps {cfg.steps} is below step {step} of the checkpoint {path}")
-    if cfg.steps != saved["steps"] and cfg.kl_schedule == "dynamic":
-        raise ValueError("--steps cannot change with --kl-schedule dynamic: beta(s) depends on the total")
-    if len(payload["rng"]) != world()[1]:
-        raise ValueError(f"{path} ran with {len(payload['rng'])} processes, this run has {world()[1]}")
-    hashes = [(base or {}).get("sha256") for base in (payload["base"], run.base)]  # the folder may move
-    if hashes[0] != hashes[1]:
-        raise ValueError(f"--resume: the base model is not the one {path} was trained on: {payload['base']}")
-
-
-def restore(payload: dict, run: Setup, optimizer, cfg: Config) -> RunState:
-    """Put a checkpoint back: weights (with LoRA the adapters), optimizer, data stream and every RNG. A
-    weight of another name or shape is an error before anything is changed."""
-    expected = trained_weights(run.policy, cfg)
-    for name, value in payload["model"].items():
-        if name not in expected or not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"its weight {name!r} ({shape}) is not one of this model's")
-    if len(payload["model"]) != len(expected):
-        raise ValueError(f"it holds {len(payload['model'])} of the model's {len(expected)} trained weights")
-    run.policy.load_state_dict(payload["model"], strict=not cfg.lora_rank)
-    optimizer.load_state_dict(payload["optimizer"])
-    run.data_rng.setstate(payload["data_rng"])
-    set_rng_states(payload["rng"][world()[0]], run.device)
-    return RunState(**payload["state"])
-
-
-def resume(out: Path, run: Setup, optimizer, cfg: Config) -> RunState:
-    """Continue from the newest checkpoint that reads as one of this run's. A file that does not (cut off by
-    a kill, corrupt, foreign) is named, set aside as NAME.unreadable, so the next save keeps the readable one
-    as its fallback, and the one before is used; settings that differ stop the resume instead."""
-    for name in CHECKPOINTS:
-        path = out / name
-        if not path.exists():
-            continue
-        try:
-            payload = read_checkpoint(path)
-            check_resume_settings(payload, cfg, run, path)
-            try:
-                return restore(payload, run, optimizer, cfg)
-            except (KeyError, TypeError, ValueError, RuntimeError) as error:
-                raise UnreadableCheckpoint(f"{path}: {str(error).strip().splitlines()[0]}") from None
-        except UnreadableCheckpoint as error:
-            print(f"warning: {error}; using the checkpoint before it", file=sys.stderr)
-            if world()[0] == 0:
-                os.replace(path, out / f"{name}.unreadable")
-    raise ValueError(f"--resume: {out} holds no readable checkpoint")
-
-
-def rollout_metrics(tree: Tree, scores: dict, examples: list[Example], cfg: Config, is_correct) -> dict:
-    """What the step's rollouts were like: reward, accuracy, zero-std groups, lengths, truncation."""
-    rewards = scores["total"]  # (P, K, M)
+def rollout_sums(tree: Tree, scores: dict, examples: list[Example], cfg: Config, is_correct) -> dict:
+    """The step's rollouts as sums and counts (processes add theirs before `rollout_metrics` divides)."""
+    rewards = scores["total"].double()  # (P, K, M)
+    answer_groups = rewards.flatten(-2) if cfg.answer_pool == "all" else rewards
     thought_len = [len(tree.thought_ids[p][k]) for p, k in tree.thought_slots()]
-    answer_len = [len(tree.answer_ids[p][k][m]) for p, k, m in tree.answer_slots()]
-    correct = [is_correct(tree.answers[p][k][m], examples[p]) for p, k, m in tree.answer_slots()]
-    metrics = {
-        "reward_mean": rewards.mean().item(),
-        "reward_std": rewards.std().item(),
-        "train_accuracy": float(np.mean(correct)),
-        "zero_std_thought_frac": zero_std_share(rewards.mean(-1)),
-        "zero_std_answer_frac": zero_std_share(rewards.flatten(-2) if cfg.answer_pool == "all" else rewards),
-        "thought_len": float(np.mean(thought_len)),
-        "answer_len": float(np.mean(answer_len)),
-        "truncated_frac": float(np.mean([bool(tree.forced_close[p][k]) for p, k in tree.thought_slots()])),
-        "tokens_generated": sum(thought_len) + sum(answer_len),
+    sums = {
+        "answers": rewards.numel(),
+        "reward": rewards.sum().item(),
+        "reward_squared": rewards.square().sum().item(),
+        "correct": sum(is_correct(tree.answers[p][k][m], examples[p]) for p, k, m in tree.answer_slots()),
+        "thoughts": len(thought_len),
+        "thought_tokens": sum(thought_len),
+        "answer_tokens": sum(len(tree.answer_ids[p][k][m]) for p, k, m in tree.answer_slots()),
+        "truncated": sum(bool(tree.forced_close[p][k]) for p, k in tree.thought_slots()),
+        "thought_groups": rewards.shape[0],
+        "zero_std_thought": zero_std_share(rewards.mean(-1)) * rewards.shape[0],
+        "answer_groups": answer_groups[..., 0].numel(),
+        "zero_std_answer": zero_std_share(answer_groups) * answer_groups[..., 0].numel(),
     }
-    return metrics | {name: values.mean().item() for name, values in scores.items() if name != "total"}
+    return sums | {name: values.double().sum().item() for name, values in scores.items() if name != "total"}
+
+
+def rollout_metrics(sums: dict) -> dict:
+    """What the step's rollouts were like: reward, accuracy, zero-std groups, lengths, truncation."""
+    n = sums["answers"]
+    mean = sums["reward"] / n
+    variance = max(sums["reward_squared"] - n * mean**2, 0.0) / max(n - 1, 1)  # unbiased, as torch.std
+    metrics = {
+        "reward_mean": mean,
+        "reward_std": variance**0.5,
+        "train_accuracy": sums["correct"] / n,
+        "zero_std_thought_frac": sums["zero_std_thought"] / sums["thought_groups"],
+        "zero_std_answer_frac": sums["zero_std_answer"] / sums["answer_groups"],
+        "thought_len": sums["thought_tokens"] / sums["thoughts"],
+        "answer_len": sums["answer_tokens"] / n,
+        "truncated_frac": sums["truncated"] / sums["thoughts"],
+        "tokens_generated": sums["thought_tokens"] + sums["answer_tokens"],
+    }
+    return metrics | {name: value / n for name, value in sums.items() if name.startswith("reward/")}
 
 
 def reference_logprobs(reference, batch: TreeBatch, cfg: Config) -> torch.Tensor:
@@ -1254,15 +1102,16 @@ def reference_logprobs(reference, batch: TreeBatch, cfg: Config) -> torch.Tensor
         return tree_logprobs(reference, batch, cfg.temperature)
 
 
-def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg: Config) -> dict:
+def train_step(
+    step: int, run: Run, optimizer, progress: Progress, reference, cfg: Config, processes=Processes()
+) -> dict:
     """One GRPO-MA step: sample the tree, score it, compute advantages, then num_iterations optimizer steps,
-    each accumulated over micro-batches of whole thoughts. Under torchrun every process grows whole trees for
-    its share of the step's prompts and DDP averages the gradients. Returns the step's metrics."""
-    rank, processes = world()
+    each accumulated over micro-batches of whole thoughts. With several processes each grows whole trees for
+    its share of the step's prompts, and DDP averages the gradients. Returns the step's metrics."""
     rollout_start = time.time()
     examples = draw_examples(run.data_rng, cfg.prompts_per_step, cfg, run.pool)  # the same on every process
-    share = cfg.prompts_per_step // processes
-    examples = examples[rank * share : (rank + 1) * share]
+    share = cfg.prompts_per_step // processes.count
+    examples = examples[processes.rank * share : (processes.rank + 1) * share]
     prompts, prompt_ids, vision = encode_prompts(run.tokenizer, examples, run.processor)
     with forward_precision(cfg, run.device):
         tree = sample_tree(
@@ -1274,7 +1123,8 @@ def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg
     counted = None
     if cfg.mask_truncated:  # leave out answers that reached their budget with neither </answer> nor eos
         counted = [[[ended != "budget" for ended in by_k] for by_k in by_p] for by_p in tree.answer_ended]
-    weights = loss_weights(tree, cfg.loss_agg, counted, cfg.max_thought_tokens + cfg.max_answer_tokens)
+    max_length = cfg.max_thought_tokens + cfg.max_answer_tokens
+    weights = loss_weights(tree, cfg.loss_agg, counted, max_length, processes.total)
     parts = group_rows(tree.thought_slots(), cfg.micro_batch or len(tree.thought_slots()))
     pad_id = run.tokenizer.pad_token_id
     batches = [
@@ -1294,120 +1144,75 @@ def train_step(step: int, run: Setup, optimizer, state: RunState, reference, cfg
         sums = {}
         for i, batch in enumerate(batches):  # gradients accumulate; the weights already normalise the step
             last = i == len(batches) - 1
-            with nullcontext() if processes == 1 or last else run.forward.no_sync():  # DDP: sync once
+            with nullcontext() if processes.count == 1 or last else run.forward.no_sync():  # DDP: sync once
                 with forward_precision(cfg, run.device):  # the forward only: see `forward_precision`
                     logps = run.forward(batch, cfg.temperature)
                 # mu = 1: the sampling policy IS the current policy, so rho = exp(0) = 1 exactly
                 old = old_logps[i] if old_logps else logps.detach()
                 ref = ref_logps[i]
                 loss, batch_sums = grpo_ma_loss(logps, old, ref, batch.advantages, batch.weights, beta, cfg)
-                (loss * processes).backward()  # DDP averages over processes; the weights count them all
+                (loss * processes.count).backward()  # DDP averages over processes; the weights count all
             batch_sums["loss"] = loss.item()
             sums = {key: sums.get(key, 0.0) + value for key, value in batch_sums.items()}
         grad_norms.append(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip).item())
         optimizer.step()
 
-    sums = all_reduce_sum(sums)
+    sums = processes.total(sums | rollout_sums(tree, scores, examples, cfg, run.is_correct))
     grad_norm = max(grad_norms)  # with mu > 1 the largest: spikes are what the norm is logged for
     record = {"step": step, "loss": sums["loss"], "beta": beta, "grad_norm": grad_norm}
     record["kl"] = None if reference is None else sums["kl"] / sums["tokens"]
     record["clip_frac"] = sums["clip_frac"] / sums["tokens"]
     record["clip_ratio"] = sums["clip_ratio"] / sums["tokens"]
-    record["gss"] = state.gradient_spike_score(grad_norm, cfg.gss_window)
-    record["gss_over_10"] = state.gss_over_10
-    parts = all_gather((tree, scores, examples))  # the metrics describe the whole step
-    if len(parts) > 1:
-        tree = Tree(
-            *[sum((getattr(part[0], f.name) for part in parts), []) for f in dataclasses.fields(Tree)]
-        )
-        scores = {name: torch.cat([part[1][name] for part in parts]) for name in scores}
-        examples = sum((part[2] for part in parts), [])
-    record |= rollout_metrics(tree, scores, examples, cfg, run.is_correct)
+    record["gss"] = progress.gradient_spike_score(grad_norm, cfg.gss_window)
+    record["gss_over_10"] = progress.gss_over_10
+    record |= rollout_metrics(sums)
     return record | {"rollout_seconds": rollout_seconds, "train_seconds": time.time() - train_start}
 
 
-def open_run_folder(cfg: Config, out: Path) -> None:
-    """A run never writes into a folder that holds another run unless told: --overwrite clears the run's
-    files; --resume continues the run there (`resume` reads its checkpoint and compares the settings the
-    checkpoint itself recorded, so a second run that died before its first checkpoint never adopts it)."""
-    holds_run = any((out / name).exists() for name in (*RUN_FILES, *CHECKPOINTS, FINAL, BASE))
-    if holds_run and not (cfg.resume or cfg.overwrite):
-        raise ValueError(
-            f"--out {out} holds another run: add --resume to continue it, --overwrite to replace it"
-        )
-    if cfg.resume and not any((out / name).exists() for name in CHECKPOINTS):
-        raise ValueError(f"--resume: {out} holds no readable checkpoint")
-    if cfg.resume and saves_base(cfg) and not (out / BASE).is_dir():
-        raise ValueError(f"--resume: {out} has no {BASE}/, the base model its LoRA adapters belong on")
-    if world()[1] > 1:
-        dist.barrier()  # every process has looked before rank 0 changes anything
-    if world()[0] == 0:
-        (out / "checkpoint.tmp").unlink(missing_ok=True)  # half-written by a kill
-        if cfg.overwrite:
-            for folder in (FINAL, BASE):
-                shutil.rmtree(out / folder, ignore_errors=True)
-            for name in RUN_FILES + CHECKPOINTS:
-                (out / name).unlink(missing_ok=True)
-        if not cfg.resume:
-            out.mkdir(parents=True, exist_ok=True)
+def saves_base(cfg: Config) -> bool:
+    """A LoRA run whose base exists nowhere else (the embedded model, or weights the warm-up changed) saves
+    it once in OUT/base, where its adapters (OUT/final) and a resume find it."""
+    return cfg.lora_rank > 0 and (cfg.warmup_steps > 0 or cfg.model == EMBEDDED)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines of steps 0..step, checked, and drop the later ones unread: they will be recomputed."""
-    kept = []
-    with path.open() as lines:
-        for number, line in zip(range(1, step + 2), lines):
-            try:
-                found = json.loads(line).get("step")
-            except (json.JSONDecodeError, AttributeError):
-                raise ValueError(f"{path}:{number}: malformed metrics line") from None
-            if found != number - 1:
-                raise ValueError(f"{path}:{number}: expected step {number - 1}, found {found}")
-            kept.append(line.rstrip("\n") + "\n")
-    if len(kept) != step + 1:
-        raise ValueError(f"{path} has {len(kept)} lines; the checkpoint needs those of steps 0..{step}")
-    path.write_text("".join(kept))
+def base_source(cfg: Config, out: Path) -> str:
+    """Where a LoRA run's base loads from: OUT/base, a hub id, or a folder (absolute, so OUT/final names it
+    from wherever it is loaded)."""
+    if saves_base(cfg):
+        return str((out / BASE).resolve())
+    return str(Path(cfg.model).resolve()) if Path(cfg.model).expanduser().is_dir() else cfg.model
 
 
-def write_metrics(path: Path, record: dict, reporter=None) -> None:
-    """One JSON line per step, with the same keys every time (null where nothing was measured); the same
-    record goes to the live view, if any."""
+def add_adapters(run: Run, cfg: Config, out: Path) -> None:
+    """With --lora-rank, LoRA adapters on the (warmed-up) policy, named by the base they belong on."""
+    if not cfg.lora_rank:
+        return
+    run.policy = add_lora(run.policy, cfg)
+    run.policy.peft_config["default"].base_model_name_or_path = base_source(cfg, out)  # for OUT/final
+    if cfg.freeze_vision:
+        freeze_vision_tower(run.policy)
+    run.forward = TreeForward(run.policy)
+
+
+def kl_reference(run: Run, cfg: Config):
+    """pi_ref: None when beta(s) is 0 throughout; with LoRA the policy itself (its adapter switched off when
+    scored); else a frozen copy of the policy as it is now, the start policy. (A copy, not a new model:
+    building one would draw its initialisation from the RNG the run's sampling continues from.)"""
+    if (cfg.beta if cfg.kl_schedule == "constant" else cfg.beta_max) == 0:
+        return None
+    if cfg.lora_rank:
+        return run.policy
+    return copy.deepcopy(run.policy).eval().requires_grad_(False)
+
+
+def write_metrics(path: Path, record: dict) -> None:
+    """One JSON line per step, with the same keys every time (null where nothing was measured)."""
     keys = list(METRIC_KEYS) + sorted(key for key in record if key.startswith("reward/"))
     with path.open("a") as f:
         f.write(json.dumps({key: record.get(key) for key in keys}) + "\n")
-    report(reporter, record)
 
 
-def open_reporter(cfg: Config, out: Path, step: int):
-    """The live view --report-to asks for, imported only then: a tensorboard writer in OUT/tensorboard (on
-    resume, events after `step` are dropped, as metrics.jsonl drops its lines), or a wandb run, offline
-    unless WANDB_MODE says otherwise. None for --report-to none."""
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(out / "tensorboard", purge_step=step + 1 if cfg.resume else None)
-    if cfg.report_to == "wandb":
-        import wandb
-
-        os.environ.setdefault("WANDB_MODE", "offline")
-        return wandb.init(project="grpo-ma", dir=out, name=out.name, config=dataclasses.asdict(cfg))
-    return None
-
-
-def report(reporter, record: dict) -> None:
-    """A step's numeric metrics to the live view, under the names metrics.jsonl uses."""
-    values = {
-        key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"
-    }
-    if hasattr(reporter, "add_scalar"):  # tensorboard
-        for key, value in values.items():
-            reporter.add_scalar(key, value, record["step"])
-        reporter.flush()
-    elif reporter is not None:  # wandb
-        reporter.log(values, step=record["step"])
-
-
-def save_final(run: Setup, cfg: Config, out: Path) -> None:
+def save_final(run: Run, cfg: Config, out: Path) -> None:
     """The trained policy as transformers saves it, in OUT/final, which from_pretrained and --model load.
     With LoRA it holds the adapter; --save-merged adds the merged model in OUT/final-merged."""
     run.policy.save_pretrained(out / FINAL)
@@ -1418,28 +1223,25 @@ def save_final(run: Setup, cfg: Config, out: Path) -> None:
         (run.processor or run.tokenizer).save_pretrained(out / "final-merged")
 
 
-def frozen_reference(policy, out: Path, device: torch.device):
-    """The KL reference: a frozen copy of the start policy read back from OUT/reference.pt, so a resumed run
-    still compares with the start, not with its last checkpoint. (A copy, not a new model: building one
-    would draw its random initialisation from the RNG the run's sampling continues from.)"""
-    reference = copy.deepcopy(policy)
-    reference.load_state_dict(torch.load(out / "reference.pt", map_location=device, weights_only=True))
-    reference.zero_grad(set_to_none=True)  # the copy of the warm-up's last gradients is not needed
-    return reference.eval().requires_grad_(False)
+def summarise(cfg: Config, progress: Progress, device: torch.device) -> dict:
+    """The run in numbers: held-out accuracy at the start and the end, spikes, time, where it ran."""
+    start, last = progress.start_eval, progress.last_eval
+    summary = {"config": f"T{cfg.thoughts}A{cfg.answers}", "seed": cfg.seed, "steps": cfg.steps}
+    summary |= {f"start_{mode}_accuracy": start[f"eval_{mode}_accuracy"] for mode in ("greedy", "sampled")}
+    summary |= {f"final_{mode}_accuracy": last[f"eval_{mode}_accuracy"] for mode in ("greedy", "sampled")}
+    summary["gss_over_10"] = progress.gss_over_10
+    summary["wall_seconds"] = progress.wall_seconds
+    summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return summary
 
 
-def start_processes(cfg: Config) -> None:
-    """Under torchrun, join the process group (nccl on CUDA, gloo on the CPU). On the CPU, use every core
-    this process may run on (torch's default can leave some idle), shared among the processes."""
-    device = pick_device(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world()[1]))
-        if world()[0] == 0:
-            print(f"cpu: {torch.get_num_threads()} torch threads per process (OMP_NUM_THREADS sets another)")
+def say_accuracy(what: str, start: dict, end: dict | None = None) -> None:
+    """One line: held-out accuracy, greedy and sampled (start -> end)."""
+    parts = []
+    for mode in ("greedy", "sampled"):
+        key = f"eval_{mode}_accuracy"
+        parts.append(f"{mode} {start[key]:.3f}" + (f" -> {end[key]:.3f}" if end else ""))
+    print(f"{what}: held-out accuracy " + ", ".join(parts))
 
 
 def train(
@@ -1449,105 +1251,49 @@ def train(
     reward_fns: list[tuple[RewardFn, float]] | None = None,
     is_correct: Callable[[str, Example], bool] = answer_is_correct,
 ) -> dict:
-    """The whole run; returns the summary also written to OUT/summary.json. By default the data is the
-    embedded generator's; a recipe (demos/) passes its own example pool, held-out set, rewards and check.
-    Under torchrun, rank 0 evaluates and writes every file."""
-    run_start = time.time()
+    """The whole run in one process: warm-up, evaluate, cfg.steps GRPO-MA steps, evaluate. Writes
+    OUT/config.json, OUT/metrics.jsonl (one line per step), OUT/summary.json and OUT/final; returns the
+    summary. A recipe (demos/) passes its own example pool, held-out set, rewards and answer check.
+    grpo_ma_run.py runs the same steps with checkpoints, resume, live views and several processes."""
+    started = time.time()
     validate_config(cfg)
-    start_processes(cfg)
-    rank, processes = world()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's processes would each write OUT alone
+        raise ValueError("grpo_ma.py trains in one process: under torchrun, run grpo_ma_run.py")
     out = Path(cfg.out)
-    open_run_folder(cfg, out)
-    # a resumed LoRA run whose base exists nowhere else loads it from OUT/base
-    base_cfg = dataclasses.replace(cfg, model=str(out / BASE)) if cfg.resume and saves_base(cfg) else cfg
-    run = setup_run(base_cfg, train_pool, eval_examples, reward_fns, is_correct)
-    metrics_path = out / "metrics.jsonl"
-    if not cfg.resume:
-        if rank == 0:
-            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-            metrics_path.write_text("")
-        supervised_warmup(run, cfg)
-        if rank == 0 and not cfg.lora_rank:
-            torch.save(run.policy.state_dict(), out / "reference.pt")  # the frozen start policy of the KL
-        if rank == 0 and saves_base(cfg):
-            run.policy.save_pretrained(out / BASE)
-            (run.processor or run.tokenizer).save_pretrained(out / BASE)
-    if cfg.lora_rank:  # after the warm-up, so that the adapter switched off is the start policy
-        run.base = base_identity(run.policy, cfg, out)
-        run.policy = add_lora(run.policy, cfg)
-        run.policy.peft_config["default"].base_model_name_or_path = run.base["model"]  # for OUT/final
-        if cfg.freeze_vision:
-            freeze_vision_tower(run.policy)
-        run.forward = TreeForward(run.policy)
+    if any((out / name).exists() for name in ("config.json", "metrics.jsonl", "summary.json", FINAL)):
+        raise ValueError(
+            f"--out {out} holds another run: choose another folder (grpo_ma_run.py can resume it)"
+        )
+    run = start_run(cfg, train_pool, eval_examples, reward_fns, is_correct)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    supervised_warmup(run, cfg)
+    if saves_base(cfg):
+        run.policy.save_pretrained(out / BASE)
+        (run.processor or run.tokenizer).save_pretrained(out / BASE)
+    add_adapters(run, cfg, out)  # after the warm-up, so that the adapter switched off is the start policy
+    reference = kl_reference(run, cfg)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    if cfg.resume:
-        state = resume(out, run, optimizer, cfg)
-    else:
-        state = RunState(start_eval=all_gather(evaluate(run, cfg) if rank == 0 else None)[0])
-        state.last_eval = state.start_eval
-    reporter = open_reporter(cfg, out, state.step) if rank == 0 else None
-    if cfg.resume and rank == 0:
-        truncate_metrics(metrics_path, state.step)
-        print(f"resuming {out} from step {state.step}")
-    if not cfg.resume:
-        if rank == 0:
-            write_metrics(metrics_path, {"step": 0, **state.start_eval}, reporter)
-            accuracy = [
-                f"{mode} {state.start_eval[f'eval_{mode}_accuracy']:.3f}" for mode in ("greedy", "sampled")
-            ]
-            print("start policy: held-out accuracy " + ", ".join(accuracy))
-        if processes > 1:
-            torch.manual_seed(cfg.seed * 1000 + rank)  # each process samples rollouts of its own
-        save_checkpoint(out, run, optimizer, state, cfg)
-    if processes > 1:
-        dist.barrier()  # rank 0 has written reference.pt
-        devices = [run.device] if run.device.type == "cuda" else None
-        run.forward = torch.nn.parallel.DistributedDataParallel(run.forward, device_ids=devices)
 
-    uses_kl = (cfg.beta if cfg.kl_schedule == "constant" else cfg.beta_max) > 0  # the largest beta(s) reaches
-    reference = None
-    if uses_kl:
-        reference = run.policy if cfg.lora_rank else frozen_reference(run.policy, out, run.device)
-    progress = tqdm(total=cfg.steps, initial=state.step, desc="GRPO-MA", unit="step", disable=rank > 0)
-    for step in range(state.step + 1, cfg.steps + 1):
-        record = train_step(step, run, optimizer, state, reference, cfg)
-        state.step = step
-        progress.update(1)
+    progress = Progress(start_eval=evaluate(run, cfg))
+    progress.last_eval = progress.start_eval
+    (out / "metrics.jsonl").write_text("")
+    write_metrics(out / "metrics.jsonl", {"step": 0, **progress.start_eval})
+    say_accuracy("start policy", progress.start_eval)
+    for step in tqdm(range(1, cfg.steps + 1), desc="GRPO-MA", unit="step", disable=not PROGRESS_BARS):
+        record = train_step(step, run, optimizer, progress, reference, cfg)
+        progress.step = step
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            state.last_eval = all_gather(evaluate(run, cfg) if rank == 0 else None)[0]
-            record |= state.last_eval
-            progress.unpause()  # the bar's rate and ETA count training steps, not evaluations
-        if rank == 0:
-            write_metrics(metrics_path, record, reporter)
-        held_out = state.last_eval["eval_greedy_accuracy"]
-        progress.set_postfix(reward=f"{record['reward_mean']:.2f}", held_out=f"{held_out:.2f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            state.wall_seconds += time.time() - run_start
-            run_start = time.time()
-            save_checkpoint(out, run, optimizer, state, cfg)
-    progress.close()
+            progress.last_eval = evaluate(run, cfg)
+            record |= progress.last_eval
+        write_metrics(out / "metrics.jsonl", record)
 
-    start, last = state.start_eval, state.last_eval
-    summary = {"config": f"T{cfg.thoughts}A{cfg.answers}", "seed": cfg.seed, "steps": cfg.steps}
-    summary |= {f"start_{mode}_accuracy": start[f"eval_{mode}_accuracy"] for mode in ("greedy", "sampled")}
-    summary |= {f"final_{mode}_accuracy": last[f"eval_{mode}_accuracy"] for mode in ("greedy", "sampled")}
-    summary["gss_over_10"] = state.gss_over_10
-    summary["wall_seconds"] = state.wall_seconds + time.time() - run_start  # every part of a resumed run
-    summary["processes"] = processes
-    summary["device"] = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
-    if rank == 0:
-        save_final(run, cfg, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        greedy = f"greedy {summary['start_greedy_accuracy']:.3f} -> {summary['final_greedy_accuracy']:.3f}"
-        sampled = (
-            f"sampled {summary['start_sampled_accuracy']:.3f} -> {summary['final_sampled_accuracy']:.3f}"
-        )
-        print(f"held-out accuracy: {greedy}, {sampled}")
-    if cfg.report_to == "tensorboard" and rank == 0:
-        reporter.close()
-    if cfg.report_to == "wandb" and rank == 0:
-        reporter.finish()
+    progress.wall_seconds = time.time() - started
+    summary = summarise(cfg, progress, run.device)
+    save_final(run, cfg, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    say_accuracy("after GRPO-MA", progress.start_eval, progress.last_eval)
     return summary
 
 
@@ -1555,11 +1301,12 @@ def train(
 # 8. CLI: one flag per Config field
 # ================================================================================================
 def build_parser(defaults: Config | None = None, parser: argparse.ArgumentParser | None = None):
-    """One flag per Config field; a recipe passes its own defaults (and parser) to reuse every flag."""
+    """One flag per field of the defaults' dataclass (Config, or a subclass with more fields); a recipe
+    passes its own defaults (and parser) to reuse every flag."""
     defaults = defaults or Config()
     parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(defaults):
         default = getattr(defaults, f.name)
         text = f.metadata["help"] + " (default: %(default)s)"
         if isinstance(default, bool):
@@ -1582,10 +1329,12 @@ def run_cli(entry: Callable, *args, debug: bool = False):
         raise SystemExit(1) from None
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Config:
-    args = vars(build_parser().parse_args(argv))
+def parse_args(argv: Sequence[str] | None = None, defaults: Config | None = None) -> Config:
+    """Flags -> a Config (or the dataclass of `defaults`)."""
+    defaults = defaults or Config()
+    args = vars(build_parser(defaults).parse_args(argv))
     args.pop("debug")
-    return Config(**args)
+    return type(defaults)(**args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

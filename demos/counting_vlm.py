@@ -53,6 +53,7 @@ from transformers import (
 from transformers.processing_utils import ProcessorMixin
 
 import grpo_ma
+import grpo_ma_run
 
 FORMAT_MARKERS = grpo_ma.FORMAT_MARKERS
 THINK_CLOSE = grpo_ma.THINK_CLOSE
@@ -385,7 +386,7 @@ def run_seed(cfg, seed: int, train_size: int) -> dict:
     save_initial_model(initial, seed)
     cfg = dataclasses.replace(cfg, seed=seed, model=str(initial), out=str(out))
     train_pool, held_out = demo_splits(seed, train_size, cfg.eval_size)
-    summary = grpo_ma.train(cfg, train_pool, held_out)
+    summary = grpo_ma_run.train(cfg, train_pool, held_out)
     keys = ("seed", "start_greedy_accuracy", "final_greedy_accuracy", "start_sampled_accuracy")
     row = {key: summary[key] for key in keys} | {"final_sampled_accuracy": summary["final_sampled_accuracy"]}
     return row | {"lora_rank": cfg.lora_rank, "wall_seconds": summary["wall_seconds"], "out": str(out)}
@@ -397,7 +398,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--train-size", type=int, default=4000, help="training scenes (default: %(default)s)")
     parser.add_argument("--results", default=str(RESULTS), help="results file (default: %(default)s)")
     parser.add_argument("--figure", default=str(FIGURE), help="figure of held-out answers ('' for none)")
-    grpo_ma.build_parser(grpo_ma.Config(**DEMO_DEFAULTS), parser)
+    grpo_ma.build_parser(grpo_ma_run.RunConfig(**DEMO_DEFAULTS), parser)
     args = vars(parser.parse_args(argv))
     seeds = args.pop("seeds")
     train_size = args.pop("train_size")
@@ -405,7 +406,7 @@ def main(argv=None) -> list[dict]:
     figure = args.pop("figure")
     debug = args.pop("debug")
     args.pop("seed")  # --seeds sets it
-    cfg = grpo_ma.Config(**args)
+    cfg = grpo_ma_run.RunConfig(**args)
     meta = {"command": "python -m demos.counting_vlm --seeds S [--lora-rank R]", "torch": torch.__version__}
     meta |= {"transformers": transformers.__version__, "machine": platform.machine()}
     meta |= {"cpu_threads": torch.get_num_threads(), "config": DEMO_DEFAULTS}

@@ -48,6 +48,7 @@ if __package__ in (None, ""):  # run as `python demos/gsm8k_qwen.py`: make the r
 import torch
 
 import grpo_ma
+import grpo_ma_run
 from grpo_ma import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, Example
 
 # ================================================================================================
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hub-config", default="main", help="its configuration (default: %(default)s)")
     core = parser.add_argument_group("GRPO-MA (every grpo_ma.Config field; defaults set for one GPU)")
     grpo_ma.build_parser(
-        grpo_ma.Config(**GPU_DEFAULTS), core
+        grpo_ma_run.RunConfig(**GPU_DEFAULTS), core
     )  # --task/--eval-task are unused: data is --data
     return parser
 
@@ -295,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[grpo_ma.Config, argparse.Namespace]:
     """Split the parsed flags into a grpo_ma.Config and this demo's own options."""
     values = vars(build_parser().parse_args(argv))
-    config_fields = {f.name for f in dataclasses.fields(grpo_ma.Config)}
-    cfg = grpo_ma.Config(**{k: v for k, v in values.items() if k in config_fields})
+    config_fields = {f.name for f in dataclasses.fields(grpo_ma_run.RunConfig)}
+    cfg = grpo_ma_run.RunConfig(**{k: v for k, v in values.items() if k in config_fields})
     return cfg, argparse.Namespace(**{k: v for k, v in values.items() if k not in config_fields})
 
 
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"GSM8K: {len(train_pool)} training and {len(eval_examples)} held-out examples")
     if grpo_ma.pick_device(cfg).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in float32 uses TF32 tensor cores
-    return grpo_ma.train(
+    return grpo_ma_run.train(
         cfg,
         train_pool=train_pool,
         eval_examples=eval_examples,

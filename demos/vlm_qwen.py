@@ -83,6 +83,7 @@ import torch
 from PIL import Image
 
 import grpo_ma
+import grpo_ma_run
 from demos.gsm8k_qwen import answer_matches, make_steprar, normalize_number, numeric_answer
 from grpo_ma import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, Example
 
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     core = parser.add_argument_group("GRPO-MA (every grpo_ma.Config field; defaults set for one GPU)")
     # --task/--eval-task name grpo_ma's embedded task and are unused: the data is --data
-    grpo_ma.build_parser(grpo_ma.Config(**GPU_DEFAULTS), core)
+    grpo_ma.build_parser(grpo_ma_run.RunConfig(**GPU_DEFAULTS), core)
     defer_beta_bounds_to_kl_pair(parser)
     return parser
 
@@ -340,8 +341,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[grpo_ma.Config, argpa
     for name, pair_value in zip(("beta_min", "beta_max"), KL_PAIRS[values["kl_pair"]]):
         if values[name] is None:
             values[name] = pair_value
-    config_fields = {f.name for f in dataclasses.fields(grpo_ma.Config)}
-    cfg = grpo_ma.Config(**{k: v for k, v in values.items() if k in config_fields})
+    config_fields = {f.name for f in dataclasses.fields(grpo_ma_run.RunConfig)}
+    cfg = grpo_ma_run.RunConfig(**{k: v for k, v in values.items() if k in config_fields})
     return cfg, argparse.Namespace(**{k: v for k, v in values.items() if k not in config_fields})
 
 
@@ -378,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"images: {len(train_pool)} training and {len(eval_examples)} held-out examples")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in float32 uses TF32 tensor cores
-    return grpo_ma.train(
+    return grpo_ma_run.train(
         cfg,
         train_pool=train_pool,
         eval_examples=eval_examples,

@@ -500,7 +500,7 @@ def measure_whole_steps(spec: dict) -> dict:
     torch.set_num_threads(spec.get("threads") or len(os.sched_getaffinity(0)))
     base = G.Config(device=device_name, warmup_steps=spec["warmup_steps"], steps=spec["steps"], seed=0)
     base = dataclasses.replace(base, prompts_per_step=spec.get("prompts_per_step", base.prompts_per_step))
-    run = G.setup_run(base)
+    run = G.start_run(base)
     started = time.perf_counter()
     G.supervised_warmup(run, base)
     warmup_seconds = time.perf_counter() - started
@@ -514,7 +514,7 @@ def measure_whole_steps(spec: dict) -> dict:
         run.data_rng.setstate(data_state)
         torch.manual_seed(1)
         optimizer = torch.optim.AdamW(run.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-        state = G.RunState()
+        state = G.Progress()
         records, cpu = [], []
         for step in range(1, cfg.steps + 1):
             cpu_started = time.process_time()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-import grpo_ma
+import grpo_ma_run
 from paper_figures import common
 from paper_figures.tables import runs_table
 
@@ -25,7 +25,7 @@ from paper_figures.tables import runs_table
 def run_seed(seed: int, runs_dir: Path, rerun: bool, quiet: bool = False, lora_rank: int = 0) -> dict:
     """Train (or reuse) one default run; a finished run whose config matches the default is reused."""
     name = f"default_lora{lora_rank}_seed{seed}" if lora_rank else f"default_seed{seed}"
-    cfg = grpo_ma.Config(seed=seed, lora_rank=lora_rank, out=str(runs_dir / name))
+    cfg = grpo_ma_run.RunConfig(seed=seed, lora_rank=lora_rank, out=str(runs_dir / name))
     out = Path(cfg.out)
     finished = (out / "summary.json").exists() and (out / "config.json").exists()
     if finished and not rerun:
@@ -35,9 +35,9 @@ def run_seed(seed: int, runs_dir: Path, rerun: bool, quiet: bool = False, lora_r
             return json.loads((out / "summary.json").read_text())
     cfg = dataclasses.replace(cfg, overwrite=True)  # a stale or different run in the folder is replaced
     if not quiet:
-        return grpo_ma.train(cfg)
+        return grpo_ma_run.train(cfg)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return grpo_ma.train(cfg)
+        return grpo_ma_run.train(cfg)
 
 
 def main(argv=None) -> list[dict]:

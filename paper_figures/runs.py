@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 import grpo_ma
-from grpo_ma import Config
+import grpo_ma_run
+from grpo_ma_run import RunConfig as Config  # every grpo_ma.Config field, and the run's
 
 # Config fields left out of the key: where a run writes, how often it checkpoints, resuming; and the device,
 # since a cache lives on one machine (the device a run used is in its summary).
@@ -73,7 +74,7 @@ def warm_start(seed: int, cache_dir: Path, base: Config | None = None, quiet: bo
     if (folder / "done.json").exists():
         return folder
     started = time.time()
-    run = grpo_ma.setup_run(base)  # the seeding and order of draws of grpo_ma.train
+    run = grpo_ma.start_run(base)  # the seeding and order of draws of grpo_ma.train
     folder.mkdir(parents=True, exist_ok=True)
 
     def warm_up_and_save():
@@ -135,7 +136,7 @@ def run_grpo(cfg: Config, cache_dir: Path, quiet: bool = True) -> dict:
         # a run cut short goes on from its checkpoint; one that died before its first starts over
         resume = (out / "checkpoint.pt").exists() or (out / "checkpoint.prev.pt").exists()
         cfg = dataclasses.replace(cfg, out=str(out), resume=resume, overwrite=not resume)
-        _quietly(lambda: grpo_ma.train(cfg), quiet)
+        _quietly(lambda: grpo_ma_run.train(cfg), quiet)
         (out / "provenance.json").write_text(json.dumps(environment()))
     provenance = out / "provenance.json"
     return {
@@ -148,7 +149,7 @@ def run_grpo(cfg: Config, cache_dir: Path, quiet: bool = True) -> dict:
     }
 
 
-def evaluate_both(run: grpo_ma.Setup, examples, cfg: Config) -> dict:
+def evaluate_both(run: grpo_ma.Run, examples, cfg: Config) -> dict:
     """Greedy and sampled held-out accuracy; the sampler is seeded so the number is reproducible."""
     torch.manual_seed(cfg.seed)
     accuracy = grpo_ma.evaluate(run, cfg, examples)
@@ -160,7 +161,7 @@ def eval_policy(cfg: Config, family: str, store: Path, checkpoint: Path | None =
     a grpo_ma checkpoint; stored in `store` so a rerun only reads it."""
     if store.exists():
         return json.loads(store.read_text())
-    run = _quietly(lambda: grpo_ma.setup_run(cfg), True)  # cfg.model: the warm start folder
+    run = _quietly(lambda: grpo_ma.start_run(cfg), True)  # cfg.model: the warm start folder
     if checkpoint is not None:
         run.policy.load_state_dict(
             torch.load(checkpoint, map_location=run.device, weights_only=True)["model"]
@@ -186,7 +187,7 @@ def run_sft(
             "summary": json.loads((out / "summary.json").read_text()),
         }
     started = time.time()
-    run = _quietly(lambda: grpo_ma.setup_run(cfg), True)  # cfg.model: the warm start folder
+    run = _quietly(lambda: grpo_ma.start_run(cfg), True)  # cfg.model: the warm start folder
     run.data_rng = warm_start_data_rng(start_folder)
     sft_cfg = dataclasses.replace(cfg, warmup_steps=cfg.steps, warmup_lr=sft_lr, warmup_batch=sft_batch)
     _quietly(lambda: grpo_ma.supervised_warmup(run, sft_cfg), quiet)
@@ -220,10 +221,12 @@ def check_warm_start(start_folder: Path, base: Config, cache_dir: Path) -> dict:
     out = check_dir(base, cache_dir)
     base = dataclasses.replace(base, model=grpo_ma.EMBEDDED, steps=0)
     if not (out / "check.json").exists():
-        plain = _quietly(lambda: grpo_ma.train(dataclasses.replace(base, out=str(out), overwrite=True)), True)
+        plain = _quietly(
+            lambda: grpo_ma_run.train(dataclasses.replace(base, out=str(out), overwrite=True)), True
+        )
         reference = torch.load(out / "reference.pt", map_location="cpu")
         warm_cfg = dataclasses.replace(base, model=str(start_folder), warmup_steps=0)
-        run = _quietly(lambda: grpo_ma.setup_run(warm_cfg), True)
+        run = _quietly(lambda: grpo_ma.start_run(warm_cfg), True)
         saved = run.policy.state_dict()
         max_diff = max((reference[k].float() - saved[k].float().cpu()).abs().max().item() for k in reference)
         warm_greedy = grpo_ma.evaluate(run, warm_cfg)["eval_greedy_accuracy"]

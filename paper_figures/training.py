@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_ma import Config
+from grpo_ma_run import RunConfig as Config  # every grpo_ma.Config field, and the run's
 from paper_figures import common, runs, tables
 
 GROUPS = ("ablation", "answer_pool", "kl", "rewards", "methods")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import grpo_ma as G
+import grpo_ma_run as R
 from demos import gsm8k_qwen as D
 
 TINY_CHAT_TEMPLATE = (
@@ -198,7 +199,7 @@ def test_help_lists_every_flag_with_a_help_string():
     parser = D.build_parser()
     help_text = parser.format_help()
     listed = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text))
-    fields = dataclasses.fields(G.Config)
+    fields = dataclasses.fields(R.RunConfig)
     config_flags = {"--" + f.name.replace("_", "-") for f in fields}
     negations = {"--no-" + f.name.replace("_", "-") for f in fields if isinstance(f.default, bool)}
     demo_flags = {

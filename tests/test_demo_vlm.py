@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import grpo_ma as G
+import grpo_ma_run as R
 from demos import counting_vlm as C  # importing it registers the tiny model's processor with AutoProcessor
 from demos import vlm_qwen as D
 
@@ -188,7 +189,7 @@ def test_help_lists_every_flag_with_a_help_string(monkeypatch):
     parser = D.build_parser()
     help_text = parser.format_help()
     listed = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text))
-    fields = dataclasses.fields(G.Config)
+    fields = dataclasses.fields(R.RunConfig)
     config_flags = {"--" + f.name.replace("_", "-") for f in fields}
     negations = {"--no-" + f.name.replace("_", "-") for f in fields if isinstance(f.default, bool)}
     demo_flags = {"--data", "--eval-data", "--limit", "--holdout-fraction", "--max-image-pixels", "--kl-pair"}

@@ -10,13 +10,14 @@ import torch
 import torch.distributed as dist
 
 import grpo_ma as G
+import grpo_ma_run as R
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def warm_up_losses(precision: str, steps: int) -> list[float]:
     cfg = G.Config(precision=precision, device="cpu", warmup_steps=steps)
-    return G.supervised_warmup(G.setup_run(cfg), cfg)
+    return G.supervised_warmup(G.start_run(cfg), cfg)
 
 
 def test_bf16_warm_up_learns_like_float32(monkeypatch):
@@ -51,9 +52,14 @@ def test_short_bf16_run_starts_from_a_warm_up_that_learned(tmp_path):
 
 @pytest.fixture
 def cuda_present(monkeypatch):
-    """torch.cuda answers as on a machine with a bf16-capable GPU (nothing is run on it)."""
+    """torch.cuda answers as on a machine with bf16-capable GPUs (nothing is run on them); set_device records
+    the device it is given, and current_device answers with it."""
+    chosen = [torch.device("cuda", 0)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1].index)
+    return chosen
 
 
 @pytest.mark.parametrize(
@@ -67,10 +73,11 @@ def test_precision_picks_bf16_autocast_where_asked(cuda_present, precision, devi
 
 def test_torchrun_process_takes_the_gpu_of_its_local_rank(cuda_present, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    R.start_processes(R.RunConfig())
+    assert cuda_present[-1] == torch.device("cuda", 3)
     assert G.pick_device(G.Config()) == torch.device("cuda", 3)
     assert G.pick_device(G.Config(device="cpu")) == torch.device("cpu")
-    monkeypatch.delenv("LOCAL_RANK")
-    assert G.pick_device(G.Config(device="cuda")) == torch.device("cuda", 0)
 
 
 def test_cuda_asked_for_without_a_gpu_is_an_error(monkeypatch):
@@ -81,30 +88,29 @@ def test_cuda_asked_for_without_a_gpu_is_an_error(monkeypatch):
 
 @pytest.mark.parametrize("device, backend", [("auto", "nccl"), ("cpu", "gloo")])
 def test_torchrun_joins_nccl_on_gpus_and_gloo_on_cpus(cuda_present, monkeypatch, device, backend):
-    joined, chosen = [], []
+    joined = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", joined.append)
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    G.start_processes(G.Config(device=device))
+    R.start_processes(R.RunConfig(device=device))
     assert joined == [backend]
-    assert chosen == ([torch.device("cuda", 1)] if backend == "nccl" else [])
+    assert cuda_present[1:] == ([torch.device("cuda", 1)] if backend == "nccl" else [])
 
 
 def test_cuda_rng_state_goes_through_a_checkpoint_and_back(tmp_path, monkeypatch):
     """On CUDA the sampling draws from the GPU's generator: its state is saved with the others, read back by
     the safe loader, and restored on the run's GPU."""
     cfg = G.Config(thoughts=2, answers=2, prompts_per_step=2, warmup_steps=0, device="cpu")
-    run = G.setup_run(cfg)
+    run = G.start_run(cfg)
     run.device = torch.device("cuda", 0)  # the model stays on the CPU; only the RNG calls see the GPU
     gpu_state = torch.tensor(random.Random(0).choices(range(256), k=16), dtype=torch.uint8)
     restored = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu_state.clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     optimizer = torch.optim.AdamW(run.policy.parameters(), lr=cfg.lr)
-    G.save_checkpoint(tmp_path, run, optimizer, G.RunState(), cfg)
-    payload = G.read_checkpoint(tmp_path / "checkpoint.pt")
-    G.restore(payload, run, optimizer, cfg)
+    R.save_checkpoint(tmp_path, run, optimizer, G.Progress(), cfg)
+    payload = R.read_checkpoint(tmp_path / "checkpoint.pt")
+    R.restore(payload, run, optimizer, cfg)
     ((state, device),) = restored
     assert torch.equal(state, gpu_state) and device == torch.device("cuda", 0)

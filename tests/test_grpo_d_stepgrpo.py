@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import grpo_ma as G
+import grpo_ma_run as R
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,9 +33,7 @@ def tiny_flags(out, *extra):
 
 
 def config_from_flags(flags):
-    args = vars(G.build_parser().parse_args(flags))
-    args.pop("debug")
-    return G.Config(**args)
+    return R.parse_args(flags)  # the run keeps its checkpoint and start policy, which assert_learned reads
 
 
 def read_metrics(folder):
@@ -91,7 +90,7 @@ def test_constant_schedule_is_constant(beta, step, total):
 def test_dynamic_schedule_is_logged_every_step(tmp_path):
     flags = tiny_flags(tmp_path, "--steps", "4", "--kl-schedule", "dynamic", "--beta-min", "0.0")
     cfg = config_from_flags([*flags, "--beta-max", "0.02"])
-    G.train(cfg, reward_fns=[(answer_length, 1.0)])
+    R.train(cfg, reward_fns=[(answer_length, 1.0)])
     assert_learned(tmp_path)
     logged = [line["beta"] for line in read_metrics(tmp_path)[1:]]
     assert logged == [pytest.approx(G.kl_beta(s, 4, cfg)) for s in range(1, 5)]
@@ -174,7 +173,7 @@ def test_step_rewards_train_end_to_end(tmp_path):
         example.key_steps = [[digit] for digit in "0123456789"]
     flags = tiny_flags(tmp_path, "--steps", "2", "--warmup-batch", "8", "--reward", "steprar,steprvr")
     flags += ["--thoughts", "4", "--answers", "1", "--step-alpha", "1.0"]  # the later flag wins
-    summary = G.train(config_from_flags(flags), train_pool=pool)
+    summary = R.train(config_from_flags(flags), train_pool=pool)
     assert summary["steps"] == 2
     lines = read_metrics(tmp_path)[1:]
     assert all({"reward/steprar", "reward/steprvr"} <= set(line) for line in lines)

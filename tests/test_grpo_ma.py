@@ -4,15 +4,24 @@ Each test name states the property it checks. Every end-to-end run trains with `
 that varies from the first step (the embedded start policy after 5 warm-up steps scores 0 everywhere on
 accuracy and format, so with those rewards nothing would learn and two runs would agree trivially)."""
 
+import ast
+import dataclasses
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import grpo_ma as G
+import grpo_ma_run as R
+
+REPO = Path(G.__file__).resolve().parent
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TIMING_KEYS = {"rollout_seconds", "train_seconds"}
@@ -55,10 +64,8 @@ def digit_tree(tokenizer, prompts, k, m, *, seed=0, forced=(), closed=()):
 
 
 def config_from_flags(flags):
-    """The Config the CLI builds from these flags."""
-    args = vars(G.build_parser().parse_args(flags))
-    args.pop("debug")
-    return G.Config(**args)
+    """The RunConfig grpo_ma_run's CLI builds from these flags."""
+    return R.parse_args(flags)
 
 
 def answer_length(prompts, thoughts, answers, examples):
@@ -72,7 +79,7 @@ REWARDS = [(answer_length, 1.0)]
 def tiny_config(out, **changes):
     """T2A2 on 2 prompts, 5 warm-up steps, 8 held-out prompts: a few seconds on a CPU."""
     settings = dict(thoughts=2, answers=2, prompts_per_step=2, steps=2, warmup_steps=5, eval_size=8)
-    return G.Config(**(settings | {"out": str(out)} | changes))
+    return R.RunConfig(**(settings | {"out": str(out)} | changes))
 
 
 def read_metrics(folder):
@@ -392,7 +399,7 @@ def test_cut_at_stop_keeps_the_token_that_completes_the_marker(tokenizer):
 )
 def test_invalid_settings_are_rejected_naming_the_flag(flags, message):
     with pytest.raises(ValueError, match=message.replace("+", r"\+")):
-        G.validate_config(config_from_flags(flags))
+        R.validate_run_config(config_from_flags(flags))
 
 
 def nan_reward(prompts, thoughts, answers, examples):
@@ -447,7 +454,7 @@ LEARNING = dict(steps=4, save_every=2, eval_every=3)
 @pytest.fixture(scope="module")
 def learning_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
-    G.train(tiny_config(root / "straight", **LEARNING), reward_fns=REWARDS)
+    R.train(tiny_config(root / "straight", **LEARNING), reward_fns=REWARDS)
     real_step = G.train_step
 
     def killed_at_step_3(step, *args):
@@ -458,18 +465,18 @@ def learning_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(G, "train_step", killed_at_step_3)
         with pytest.raises(KeyboardInterrupt):
-            G.train(tiny_config(root / "killed", **LEARNING), reward_fns=REWARDS)
+            R.train(tiny_config(root / "killed", **LEARNING), reward_fns=REWARDS)
     start_policy = torch.load(root / "killed" / "reference.pt", map_location="cpu")
     checkpoint = load_checkpoint(root / "killed")
     references = []
 
-    def recording_the_reference(step, run, optimizer, state, reference, cfg):
+    def recording_the_reference(step, run, optimizer, progress, reference, *rest):
         references.append({name: value.clone() for name, value in reference.state_dict().items()})
-        return real_step(step, run, optimizer, state, reference, cfg)
+        return real_step(step, run, optimizer, progress, reference, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(G, "train_step", recording_the_reference)
-        G.train(tiny_config(root / "killed", resume=True, **LEARNING), reward_fns=REWARDS)
+        R.train(tiny_config(root / "killed", resume=True, **LEARNING), reward_fns=REWARDS)
     return SimpleNamespace(
         straight=root / "straight",
         killed=root / "killed",
@@ -495,8 +502,8 @@ def test_tiny_run_writes_config_metrics_checkpoint_summary_and_final(learning_ru
     assert summary["config"] == "T2A2" and summary["steps"] == 4 and summary["wall_seconds"] > 0
     assert json.loads((folder / "config.json").read_text())["answers"] == 2
     checkpoint = load_checkpoint(folder)
-    assert checkpoint["state"]["step"] == 4
-    assert load_checkpoint(folder, "checkpoint.prev.pt")["state"]["step"] == 2
+    assert checkpoint["progress"]["step"] == 4
+    assert load_checkpoint(folder, "checkpoint.prev.pt")["progress"]["step"] == 2
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(folder / "final").state_dict()
@@ -521,7 +528,7 @@ def test_kill_and_resume_gives_the_same_final_state(learning_runs):
 
 def test_resumed_run_keeps_the_start_policy_as_kl_reference(learning_runs):
     before = learning_runs.checkpoint_before_resume
-    assert before["state"]["step"] == 2
+    assert before["progress"]["step"] == 2
     start = learning_runs.start_policy
     assert any(not torch.equal(before["model"][name], start[name]) for name in start)  # the policy moved
     assert len(learning_runs.references_after_resume) == 2  # steps 3 and 4
@@ -532,7 +539,7 @@ def test_resumed_run_keeps_the_start_policy_as_kl_reference(learning_runs):
 
 def test_kl_reference_is_the_policy_after_the_warm_up(learning_runs):
     cfg = tiny_config(learning_runs.straight, **LEARNING)
-    run = G.setup_run(cfg, reward_fns=REWARDS)
+    run = G.start_run(cfg, reward_fns=REWARDS)
     untrained = {name: value.clone() for name, value in run.policy.state_dict().items()}
     G.supervised_warmup(run, cfg)
     reference = torch.load(learning_runs.straight / "reference.pt", map_location="cpu")
@@ -546,7 +553,7 @@ def test_resuming_a_finished_run_changes_nothing(learning_runs, tmp_path):
     before = load_checkpoint(folder)
     metrics = read_metrics(folder)
     summary = summary_without_wall(folder)
-    G.train(tiny_config(folder, resume=True, **LEARNING), reward_fns=REWARDS)
+    R.train(tiny_config(folder, resume=True, **LEARNING), reward_fns=REWARDS)
     assert_same_tensors(load_checkpoint(folder)["model"], before["model"])
     assert read_metrics(folder) == metrics
     assert summary_without_wall(folder) == summary
@@ -556,10 +563,10 @@ def test_resume_with_different_settings_is_refused(learning_runs, tmp_path):
     folder = tmp_path / "run"
     shutil.copytree(learning_runs.straight, folder)
     with pytest.raises(ValueError, match="answers"):
-        G.train(tiny_config(folder, resume=True, answers=3, **LEARNING), reward_fns=REWARDS)
+        R.train(tiny_config(folder, resume=True, answers=3, **LEARNING), reward_fns=REWARDS)
     with pytest.raises(ValueError, match="lr"):
-        G.train(tiny_config(folder, resume=True, lr=1e-3, **LEARNING), reward_fns=REWARDS)
-    assert load_checkpoint(folder)["state"]["step"] == 4
+        R.train(tiny_config(folder, resume=True, lr=1e-3, **LEARNING), reward_fns=REWARDS)
+    assert load_checkpoint(folder)["progress"]["step"] == 4
 
 
 def test_real_checkpoint_loads_through_model_flag(tmp_path):
@@ -586,7 +593,7 @@ def test_real_checkpoint_loads_through_model_flag(tmp_path):
         "--out",
         str(tmp_path / "run"),
     ]
-    summary = G.train(config_from_flags(flags), reward_fns=REWARDS)
+    summary = R.train(config_from_flags(flags), reward_fns=REWARDS)
     assert summary["steps"] == 2
     assert_learned(tmp_path / "run")
     trained, _, _ = G.load_policy(G.Config(model=str(tmp_path / "run" / "final")), torch.device("cpu"))
@@ -609,7 +616,98 @@ def test_a_trained_policy_in_final_continues_training_through_model_flag(learnin
         "4",
     ]
     flags += ["--warmup-steps", "0", "--model", str(final), "--out", str(tmp_path / "more")]
-    G.train(config_from_flags(flags), reward_fns=REWARDS)
+    R.train(config_from_flags(flags), reward_fns=REWARDS)
     start = torch.load(tmp_path / "more" / "reference.pt")
     assert_same_tensors(start, load_checkpoint(learning_runs.straight)["model"])
     assert_learned(tmp_path / "more")
+
+
+# ------------------------------------------------------------------------------------------------
+# grpo_ma.py on its own
+# ------------------------------------------------------------------------------------------------
+STANDALONE = """
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import grpo_ma
+
+assert Path(grpo_ma.__file__).parent == Path.cwd(), grpo_ma.__file__  # the copy, not the repository's
+
+
+def answer_length(prompts, thoughts, answers, examples):
+    return [len(answer) / 10 for answer in answers]
+
+
+tiny = dict(thoughts=2, answers=2, prompts_per_step=2, warmup_steps=5, eval_size=4, device="cpu")
+for steps in (0, 2):
+    grpo_ma.train(grpo_ma.Config(steps=steps, out=f"run{steps}", **tiny), reward_fns=[(answer_length, 1.0)])
+start, trained = (load_file(f"run{steps}/final/model.safetensors") for steps in (0, 2))
+assert any(not torch.equal(start[name], trained[name]) for name in start), "the steps moved no weight"
+repo = sys.argv[1]
+files = [getattr(module, "__file__", None) or "" for module in list(sys.modules.values())]
+mine = [path for path in files if path.startswith(repo) and "site-packages" not in path]
+assert not mine, mine
+"""
+
+
+def test_grpo_ma_py_copied_alone_into_an_empty_folder_trains(tmp_path):
+    """grpo_ma.py runs alone: copied by itself into an empty folder, its command trains the embedded default
+    (exit 0, one metrics line per step), its train() moves the weights when rewards vary, and nothing of
+    this repository but that one file is imported."""
+    shutil.copy(REPO / "grpo_ma.py", tmp_path / "grpo_ma.py")
+    (tmp_path / "standalone.py").write_text(STANDALONE)
+    flags = ["--thoughts", "2", "--answers", "2", "--prompts-per-step", "2", "--steps", "2"]
+    flags += ["--warmup-steps", "5", "--eval-size", "4", "--device", "cpu", "--out", "cli"]
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = subprocess.run(
+        [sys.executable, "grpo_ma.py", *flags], cwd=tmp_path, capture_output=True, text=True, env=environment
+    )
+    assert command.returncode == 0, command.stderr[-2000:]
+    assert [line["step"] for line in read_metrics(tmp_path / "cli")] == [0, 1, 2]
+    script = subprocess.run(
+        [sys.executable, "standalone.py", str(REPO)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert script.returncode == 0, script.stderr[-2000:]
+
+
+def test_grpo_ma_py_imports_nothing_of_this_repository():
+    modules = {"grpo_ma_run", "theory", "paper_figures", "demos", "tests"}
+    tree = ast.parse((REPO / "grpo_ma.py").read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not imported & modules
+
+
+def test_grpo_ma_run_trains_exactly_what_grpo_ma_trains(tmp_path):
+    """The run file adds checkpoints, resume and live views, none of which changes what a step computes:
+    the same settings give the same metrics (bar the seconds) and the same final weights."""
+    from safetensors.torch import load_file
+
+    run_cfg = tiny_config(tmp_path / "run", **LEARNING)
+    plain = {field.name: getattr(run_cfg, field.name) for field in dataclasses.fields(G.Config)}
+    G.train(G.Config(**(plain | {"out": str(tmp_path / "plain")})), reward_fns=REWARDS)
+    R.train(run_cfg, reward_fns=REWARDS)
+    timing = ("rollout_seconds", "train_seconds")
+    lines = [
+        [{k: v for k, v in line.items() if k not in timing} for line in read_metrics(tmp_path / name)]
+        for name in ("plain", "run")
+    ]
+    assert lines[0] == lines[1] and len(lines[0]) == LEARNING["steps"] + 1
+    weights = [load_file(tmp_path / name / "final" / "model.safetensors") for name in ("plain", "run")]
+    assert_same_tensors(weights[0], weights[1])

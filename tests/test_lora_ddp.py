@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import grpo_ma as G
+import grpo_ma_run as R
 
 REPO = Path(G.__file__).resolve().parent
 
@@ -39,14 +40,14 @@ def read_metrics(folder):
 # LoRA
 # ------------------------------------------------------------------------------------------------
 def test_lora_trains_only_the_adapters_and_its_kl_starts_at_zero(tmp_path):
-    cfg = G.parse_args(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4", "--save-merged"))
-    G.train(cfg, reward_fns=[(answer_length_reward, 1.0)])
+    cfg = R.parse_args(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4", "--save-merged"))
+    R.train(cfg, reward_fns=[(answer_length_reward, 1.0)])
     metrics = read_metrics(tmp_path)
     assert metrics[1]["grad_norm"] > 0
     assert metrics[1]["kl"] == 0.0  # a fresh adapter is a no-op: the policy is its reference
     assert metrics[2]["kl"] > 0  # the adapter has moved
 
-    warmed = G.setup_run(cfg)  # the same seeding: the warm-up is deterministic on the CPU
+    warmed = G.start_run(cfg)  # the same seeding: the warm-up is deterministic on the CPU
     G.supervised_warmup(warmed, cfg)
     start = warmed.policy.state_dict()
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -66,7 +67,7 @@ def test_lora_trains_only_the_adapters_and_its_kl_starts_at_zero(tmp_path):
 def test_lora_checkpoint_is_the_adapter_and_its_optimizer_state_not_the_base(tmp_path):
     """Within twice the bytes of the adapter and its two AdamW moments: the frozen base is not copied into
     every checkpoint (it lives once in OUT/base and is named by a hash of its weights)."""
-    G.train(G.parse_args(tiny_run(tmp_path, "--steps", "1", "--lora-rank", "4")))
+    R.train(R.parse_args(tiny_run(tmp_path, "--steps", "1", "--lora-rank", "4")))
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     adapter_bytes = sum(t.numel() * t.element_size() for t in saved["model"].values())
     assert (tmp_path / "checkpoint.pt").stat().st_size <= 2 * 3 * adapter_bytes
@@ -78,7 +79,7 @@ def test_final_adapter_loads_on_its_own_offline_and_scores_as_the_trained_policy
     so peft's AutoPeftModelForCausalLM loads the trained policy from OUT/final alone."""
     from peft import AutoPeftModelForCausalLM
 
-    G.train(G.parse_args(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4")), reward_fns=REWARDS)
+    R.train(R.parse_args(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4")), reward_fns=REWARDS)
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "final").eval()
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     weights = loaded.state_dict()
@@ -91,13 +92,13 @@ def test_final_adapter_loads_on_its_own_offline_and_scores_as_the_trained_policy
 
 
 def test_resume_on_another_base_is_refused(tmp_path, capsys):
-    G.train(G.parse_args(tiny_run(tmp_path, "--steps", "1", "--lora-rank", "4")))
+    R.train(R.parse_args(tiny_run(tmp_path, "--steps", "1", "--lora-rank", "4")))
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     with torch.no_grad():
         base.model.norm.weight.add_(0.01)
     base.save_pretrained(tmp_path / "base")
     with pytest.raises(SystemExit):
-        G.main(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4", "--resume"))
+        R.main(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4", "--resume"))
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: --resume: the base model is not the one") and "checkpoint.pt" in line
 
@@ -109,21 +110,21 @@ def constant_reward(prompts, thoughts, answers, examples):
 def test_lora_after_a_warm_up_clips_and_logs_only_the_adapters_gradient(tmp_path):
     """Equal rewards give every advantage 0, and a fresh adapter gives KL 0: the true gradient is 0. The
     base weights' last warm-up gradients must not show up in grad_norm or scale the clipping."""
-    cfg = G.parse_args(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4"))
-    G.train(cfg, reward_fns=[(constant_reward, 1.0)])
+    cfg = R.parse_args(tiny_run(tmp_path, "--steps", "2", "--lora-rank", "4"))
+    R.train(cfg, reward_fns=[(constant_reward, 1.0)])
     assert [record["grad_norm"] for record in read_metrics(tmp_path)[1:]] == [0.0, 0.0]
 
 
 def test_lora_run_resumed_from_a_checkpoint_ends_bit_exact(tmp_path):
     rewards = [(answer_length_reward, 1.0)]
-    G.train(
-        G.parse_args(tiny_run(tmp_path / "straight", "--steps", "3", "--lora-rank", "4")), reward_fns=rewards
+    R.train(
+        R.parse_args(tiny_run(tmp_path / "straight", "--steps", "3", "--lora-rank", "4")), reward_fns=rewards
     )
-    G.train(
-        G.parse_args(tiny_run(tmp_path / "parts", "--steps", "2", "--lora-rank", "4")), reward_fns=rewards
+    R.train(
+        R.parse_args(tiny_run(tmp_path / "parts", "--steps", "2", "--lora-rank", "4")), reward_fns=rewards
     )
-    resumed = G.parse_args(tiny_run(tmp_path / "parts", "--steps", "3", "--lora-rank", "4", "--resume"))
-    G.train(resumed, reward_fns=rewards)
+    resumed = R.parse_args(tiny_run(tmp_path / "parts", "--steps", "3", "--lora-rank", "4", "--resume"))
+    R.train(resumed, reward_fns=rewards)
     straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     parts = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
     assert read_metrics(tmp_path / "straight")[3]["grad_norm"] > 0
@@ -179,7 +180,8 @@ def fixed_step_gradient(distributed: bool) -> dict:
     if distributed:
         forward = torch.nn.parallel.DistributedDataParallel(forward)
     processes = torch.distributed.get_world_size() if distributed else 1
-    weights = G.loss_weights(tree, "token")
+    total = R.sum_over_processes if distributed else None  # the normaliser counts both processes' trees
+    weights = G.loss_weights(tree, "token", total=total)
     cfg = G.Config(beta=0.0, temperature=0.7)
     for slots in G.group_rows(tree.thought_slots(), 1):
         batch = G.build_tree_batch(
@@ -213,7 +215,7 @@ def test_two_gloo_processes_make_the_update_of_one_process_over_both_trees(tmp_p
 def test_torchrun_run_writes_one_metrics_line_per_step_and_a_loadable_final_model(tmp_path):
     out = tmp_path / "run"
     flags = ["--device", "cpu", "--thoughts", "2", "--answers", "2", "--steps", "2", "--warmup-steps", "5"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "grpo_ma.py"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "grpo_ma_run.py"]
     result = subprocess.run(
         [*command, *flags, "--eval-size", "8", "--out", str(out)],
         cwd=REPO,

@@ -323,7 +323,7 @@ def test_thought_tokens_carry_the_thought_advantage_and_answer_tokens_their_own(
 # the gradient spike score
 # ------------------------------------------------------------------------------------------------
 def test_gradient_spike_score_divides_by_the_mean_of_the_previous_window():
-    state = G.RunState()
+    state = G.Progress()
     assert state.gradient_spike_score(0.0, 3) is None  # no gradient has flowed yet
     assert state.gradient_spike_score(100.0, 3) is None  # the previous mean is 0
     scores = [state.gradient_spike_score(norm, 3) for norm in (1.0, 2.0, 3.0, 6.0, 66.0)]

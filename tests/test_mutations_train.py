@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import grpo_ma as G
+import grpo_ma_run as R
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EPS = 1e-4
@@ -29,7 +30,7 @@ def small_config(**changes):
 
 def start(cfg):
     """A fresh run and its AdamW, as train() makes them (without the warm-up)."""
-    run = G.setup_run(cfg, reward_fns=[(answer_length, 1.0)])
+    run = G.start_run(cfg, reward_fns=[(answer_length, 1.0)])
     return run, torch.optim.AdamW(run.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
 
 
@@ -92,7 +93,7 @@ def test_step_trains_on_the_advantages_of_its_own_rewards(monkeypatch, pool, ddo
     cfg = small_config(answer_pool=pool, ddof=ddof, scale_rewards=scale, micro_batch=4)
     run, optimizer = start(cfg)
     spy = Spy(monkeypatch)
-    G.train_step(1, run, optimizer, G.RunState(), None, cfg)
+    G.train_step(1, run, optimizer, G.Progress(), None, cfg)
     rewards = spy.scores[0]["total"].double().numpy()
     assert (np.ptp(rewards, -1) > 0).any() and (
         np.ptp(rewards.mean(-1), -1) > 0
@@ -110,7 +111,7 @@ def test_answer_pool_changes_the_advantages_a_step_uses(monkeypatch):
         cfg = small_config(answer_pool=pool)
         run, optimizer = start(cfg)
         spy = Spy(monkeypatch)
-        G.train_step(1, run, optimizer, G.RunState(), None, cfg)
+        G.train_step(1, run, optimizer, G.Progress(), None, cfg)
         used[pool] = (spy.scores[0]["total"], spy.batches[0][2].advantages)
     assert torch.equal(used["all"][0], used["thought"][0])  # the same rollouts and rewards
     assert not torch.allclose(used["all"][1], used["thought"][1])
@@ -120,7 +121,7 @@ def test_step_moves_the_weights_along_a_nonzero_gradient():
     cfg = small_config(lr=1e-3)
     run, optimizer = start(cfg)
     before = weights(run.policy)
-    record = G.train_step(1, run, optimizer, G.RunState(), None, cfg)
+    record = G.train_step(1, run, optimizer, G.Progress(), None, cfg)
     assert record["grad_norm"] > 0 and record["reward_std"] > 0
     after = weights(run.policy)
     moved = [name for name in before if not torch.equal(before[name], after[name])]
@@ -138,7 +139,7 @@ def test_micro_batches_change_nothing_but_memory(how):
         run, _ = start(cfg)
         before = weights(run.policy)
         optimizer = torch.optim.SGD(run.policy.parameters(), lr=1.0)
-        records.append(G.train_step(1, run, optimizer, G.RunState(), None, cfg))
+        records.append(G.train_step(1, run, optimizer, G.Progress(), None, cfg))
         deltas.append({name: value - before[name] for name, value in weights(run.policy).items()})
     assert records[0]["grad_norm"] > 0
     assert records[1]["loss"] == pytest.approx(records[0]["loss"], rel=1e-4, abs=1e-7)
@@ -164,7 +165,7 @@ def test_later_iterations_compare_with_the_sampling_policy(monkeypatch, precisio
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(optimizer, "step", step_and_record)
-    record = G.train_step(1, run, optimizer, G.RunState(), None, cfg)
+    record = G.train_step(1, run, optimizer, G.Progress(), None, cfg)
     assert autocast_at_steps == [False, False]
     assert len(spy.losses) == 2
     (first, first_old), (second, second_old) = spy.losses
@@ -178,7 +179,7 @@ def test_one_iteration_has_ratio_exactly_one(monkeypatch):
     cfg = small_config()
     run, optimizer = start(cfg)
     spy = Spy(monkeypatch)
-    record = G.train_step(1, run, optimizer, G.RunState(), None, cfg)
+    record = G.train_step(1, run, optimizer, G.Progress(), None, cfg)
     ((logps, old_logps),) = spy.losses
     assert torch.equal(logps, old_logps)
     assert record["clip_frac"] == 0.0
@@ -191,7 +192,7 @@ def test_step_with_reference_adds_the_kl_to_its_policy(monkeypatch):
     torch.manual_seed(5)
     reference = G.build_embedded_model(run.tokenizer).eval()
     spy = Spy(monkeypatch)
-    record = G.train_step(1, run, optimizer, G.RunState(), reference, cfg)
+    record = G.train_step(1, run, optimizer, G.Progress(), reference, cfg)
     _, _, batch = spy.batches[0]
     with torch.no_grad():
         ref_logps = G.tree_logprobs(reference, batch, cfg.temperature)
@@ -208,7 +209,7 @@ def test_masked_step_gives_answers_that_ran_out_of_budget_no_weight(monkeypatch)
     cfg = small_config(mask_truncated=True, max_answer_tokens=20, micro_batch=2)
     run, optimizer = start(cfg)
     spy = Spy(monkeypatch)
-    G.train_step(1, run, optimizer, G.RunState(), None, cfg)
+    G.train_step(1, run, optimizer, G.Progress(), None, cfg)
     eos = run.tokenizer.eos_token_id
     seen, total = set(), 0.0
     for tree, slots, batch in spy.batches:
@@ -238,7 +239,7 @@ def test_warm_up_descends_the_cross_entropy_of_the_solution_tokens_only():
     lengths = {len(e.question + e.thought + e.answer) for e in pool}
     assert len(lengths) == 2  # the batch is padded
     cfg = small_config(warmup_steps=1, warmup_batch=2, warmup_lr=1e-3)
-    run = G.setup_run(cfg, train_pool=pool)
+    run = G.start_run(cfg, train_pool=pool)
     tokenizer = run.tokenizer
     model = copy.deepcopy(run.policy).train()
     total, count = 0.0, 0
@@ -271,17 +272,17 @@ def test_warm_up_descends_the_cross_entropy_of_the_solution_tokens_only():
 def test_restore_puts_back_weights_optimizer_moments_data_stream_and_rngs(tmp_path):
     cfg = small_config(lr=1e-3)
     run, optimizer = start(cfg)
-    state = G.RunState()
+    state = G.Progress()
     G.train_step(1, run, optimizer, state, None, cfg)
     state.step = 1
-    G.save_checkpoint(tmp_path, run, optimizer, state, cfg)
+    R.save_checkpoint(tmp_path, run, optimizer, state, cfg)
     rng = torch.get_rng_state()
     data = run.data_rng.getstate()
 
     other, other_optimizer = start(small_config(lr=1e-3, seed=1))  # another start: restore must overwrite it
     torch.manual_seed(123)
     payload = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
-    restored = G.restore(payload, other, other_optimizer, cfg)
+    restored = R.restore(payload, other, other_optimizer, cfg)
     assert restored == state
     for name, value in run.policy.state_dict().items():
         assert torch.equal(other.policy.state_dict()[name], value), name

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import grpo_ma
-from grpo_ma import Config
+from grpo_ma_run import RunConfig as Config  # every grpo_ma.Config field, and the run's
 from paper_figures import __main__ as pipeline
 from paper_figures import common, default_runs, plot_run, runs, tables, training, variance
 

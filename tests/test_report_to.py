@@ -10,7 +10,7 @@ import types
 import pytest
 from test_runs import refused, tiny_args, train_with_varying_reward
 
-import grpo_ma as G
+import grpo_ma_run as R
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,7 +39,7 @@ def test_tensorboard_holds_every_step_of_metrics_jsonl_and_resume_drops_the_reco
     train_with_varying_reward(monkeypatch)
     out = tmp_path / "run"
     every_step = ("--save-every", "1", "--eval-every", "1")
-    G.main(tiny_args(out, "--report-to", "tensorboard", *every_step))
+    R.main(tiny_args(out, "--report-to", "tensorboard", *every_step))
     scalars = tensorboard_scalars(out)
     for record in read_metrics(out):
         for key, value in record.items():
@@ -51,7 +51,7 @@ def test_tensorboard_holds_every_step_of_metrics_jsonl_and_resume_drops_the_reco
     # resume from step 1's checkpoint: step 2 is recomputed, and the live view keeps only the new one
     (out / "checkpoint.pt").replace(out / "checkpoint.pt.step2")
     (out / "checkpoint.prev.pt").replace(out / "checkpoint.pt")
-    G.main(tiny_args(out, "--report-to", "tensorboard", "--resume", "--steps", "3", *every_step))
+    R.main(tiny_args(out, "--report-to", "tensorboard", "--resume", "--steps", "3", *every_step))
     scalars = tensorboard_scalars(out)
     records = read_metrics(out)
     assert sorted(scalars["reward_mean"]) == [1, 2, 3]
@@ -71,7 +71,7 @@ def fake_wandb(monkeypatch) -> list:
             calls.append(("finish",))
 
     def init(**kwargs):
-        calls.append(("init", kwargs, G.os.environ.get("WANDB_MODE")))
+        calls.append(("init", kwargs, R.os.environ.get("WANDB_MODE")))
         return Run()
 
     module = types.ModuleType("wandb")
@@ -86,7 +86,7 @@ def test_wandb_gets_every_step_offline_by_default(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     calls = fake_wandb(monkeypatch)
     out = tmp_path / "run"
-    G.main(tiny_args(out, "--report-to", "wandb"))
+    R.main(tiny_args(out, "--report-to", "wandb"))
     assert calls[0][0] == "init" and calls[0][2] == "offline"
     assert calls[0][1]["config"]["report_to"] == "wandb"
     assert calls[-1] == ("finish",)
@@ -103,7 +103,7 @@ def test_wandb_mode_set_by_the_user_is_kept(tmp_path, monkeypatch):
     train_with_varying_reward(monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     calls = fake_wandb(monkeypatch)
-    G.main(tiny_args(tmp_path / "run", "--report-to", "wandb", "--steps", "1"))
+    R.main(tiny_args(tmp_path / "run", "--report-to", "wandb", "--steps", "1"))
     assert calls[0][2] == "disabled"
 
 
@@ -117,6 +117,6 @@ def test_missing_reporter_package_is_one_line_before_any_work(tmp_path, monkeypa
 def test_no_reporter_imports_nothing(tmp_path, monkeypatch):
     train_with_varying_reward(monkeypatch)
     monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
-    G.main(tiny_args(tmp_path / "run", "--steps", "1"))
+    R.main(tiny_args(tmp_path / "run", "--steps", "1"))
     assert "torch.utils.tensorboard" not in sys.modules
     assert not (tmp_path / "run" / "tensorboard").exists()

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import grpo_ma as G
+import grpo_ma_run as R
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def refused(argv, capsys) -> str:
     line: progress bars may come before it). Returns that line."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as failure:
-        G.main(argv)
+        R.main(argv)
     assert failure.value.code == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: ")
@@ -100,7 +101,7 @@ def finished_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         train_with_varying_reward(patch)
         patch.setattr(G, "supervised_warmup", slow_warmup)
-        G.main(tiny_args(folder, *EVERY_STEP))
+        R.main(tiny_args(folder, *EVERY_STEP))
     lines = read_metrics(folder)
     assert [line["step"] for line in lines] == [0, 1, 2]
     assert all(line["grad_norm"] > 0 for line in lines[1:])
@@ -121,7 +122,7 @@ def test_folder_holding_another_run_is_refused_and_left_untouched(finished_run, 
     assert snapshot(folder) == before
 
 
-@pytest.mark.parametrize("name", [*G.RUN_FILES, *G.CHECKPOINTS])
+@pytest.mark.parametrize("name", [*R.RUN_FILES, *R.CHECKPOINTS])
 def test_folder_holding_any_run_file_is_refused(tmp_path, capsys, name):
     (tmp_path / name).write_text("{}")
     assert "holds another run" in refused(tiny_args(tmp_path), capsys)
@@ -132,11 +133,11 @@ def test_overwrite_clears_the_run_files_and_starts_a_new_run(finished_run, tmp_p
     folder = copy_of(finished_run, tmp_path)
     (folder / "notes.txt").write_text("not a run file")
     old_reference = (folder / "reference.pt").read_bytes()
-    G.main(tiny_args(folder, "--overwrite", "--steps", "0", "--seed", "1"))
+    R.main(tiny_args(folder, "--overwrite", "--steps", "0", "--seed", "1"))
     assert [line["step"] for line in read_metrics(folder)] == [0]
     assert json.loads((folder / "config.json").read_text())["seed"] == 1
     checkpoint = load_checkpoint(folder)
-    assert checkpoint["state"]["step"] == 0 and checkpoint["config"]["seed"] == 1
+    assert checkpoint["progress"]["step"] == 0 and checkpoint["config"]["seed"] == 1
     assert not (folder / "checkpoint.prev.pt").exists()  # the old run's second checkpoint went too
     assert json.loads((folder / "summary.json").read_text())["steps"] == 0
     assert (folder / "reference.pt").read_bytes() != old_reference
@@ -160,8 +161,8 @@ def test_second_run_killed_in_its_warm_up_never_adopts_the_first_runs_checkpoint
     with monkeypatch.context() as patch:
         patch.setattr(G, "supervised_warmup", killed)
         with pytest.raises(KeyboardInterrupt):
-            G.main(tiny_args(folder, *EVERY_STEP, "--overwrite", "--seed", "1"))
-    assert not any((folder / name).exists() for name in G.CHECKPOINTS)
+            R.main(tiny_args(folder, *EVERY_STEP, "--overwrite", "--seed", "1"))
+    assert not any((folder / name).exists() for name in R.CHECKPOINTS)
     assert not any((folder / name).exists() for name in ("reference.pt", "summary.json", "final"))
     assert json.loads((folder / "config.json").read_text())["seed"] == 1
     assert (folder / "metrics.jsonl").read_text() == ""
@@ -239,7 +240,7 @@ def fallback_run(finished_run, tmp_path_factory):
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, redirect_stdout(out), redirect_stderr(err):
         train_with_varying_reward(patch)
-        G.main(tiny_args(folder, *EVERY_STEP, "--resume"))
+        R.main(tiny_args(folder, *EVERY_STEP, "--resume"))
     return SimpleNamespace(folder=folder, out=out.getvalue(), err=err.getvalue())
 
 
@@ -249,13 +250,13 @@ def test_corrupt_checkpoint_falls_back_to_the_one_before_with_a_warning(fallback
     assert len(warnings) == 1 and str(folder / "checkpoint.pt") in warnings[0]
     assert f"resuming {folder} from step 1" in fallback_run.out
     assert [line["step"] for line in read_metrics(folder)] == [0, 1, 2]
-    assert load_checkpoint(folder)["state"]["step"] == 2
+    assert load_checkpoint(folder)["progress"]["step"] == 2
 
 
 def test_resume_from_the_fallback_keeps_a_readable_fallback(fallback_run):
     """The unreadable file is not rotated in as the fallback of the checkpoint written next: a kill or a
     damaged file then would leave the run without any checkpoint to resume."""
-    assert load_checkpoint(fallback_run.folder, "checkpoint.prev.pt")["state"]["step"] in (1, 2)
+    assert load_checkpoint(fallback_run.folder, "checkpoint.prev.pt")["progress"]["step"] in (1, 2)
 
 
 class RunsACommand:
@@ -297,7 +298,7 @@ def test_foreign_checkpoint_is_named_set_aside_and_never_executed(finished_run, 
     words = foreign_checkpoint(kind, folder, marker)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        G.main(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "3"))
+        R.main(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "3"))
     assert not marker.exists()
     warnings = [line for line in err.getvalue().splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and str(folder / "checkpoint.pt") in warnings[0] and words in warnings[0]
@@ -309,7 +310,7 @@ def test_foreign_checkpoint_is_named_set_aside_and_never_executed(finished_run, 
 def test_run_holding_only_foreign_checkpoints_is_refused_without_running_them(finished_run, tmp_path, capsys):
     folder = copy_of(finished_run, tmp_path)
     marker = tmp_path / "code-ran"
-    for name in G.CHECKPOINTS:
+    for name in R.CHECKPOINTS:
         torch.save(RunsACommand(marker), folder / name)
     line = refused(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "3"), capsys)
     assert not marker.exists()
@@ -341,7 +342,7 @@ def extended_run(finished_run, tmp_path_factory):
     resumed with --steps 4."""
     folder = tmp_path_factory.mktemp("extended") / "run"
     shutil.copytree(finished_run, folder)
-    first_part = load_checkpoint(folder)["state"]["wall_seconds"]
+    first_part = load_checkpoint(folder)["progress"]["wall_seconds"]
     with (folder / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 3, "loss": 0.125}\n{"step": 3, "garbage')
     step_seconds = []
@@ -357,7 +358,7 @@ def extended_run(finished_run, tmp_path_factory):
         train_with_varying_reward(patch)
         patch.setattr(G, "train_step", timed_step)
         started = time.time()
-        G.main(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "4"))
+        R.main(tiny_args(folder, *EVERY_STEP, "--resume", "--steps", "4"))
         second_part = time.time() - started
     return SimpleNamespace(
         folder=folder, first_part=first_part, second_part=second_part, step_seconds=sum(step_seconds)
@@ -376,7 +377,7 @@ def test_resume_with_more_steps_extends_a_finished_run(extended_run, finished_ru
     assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]  # one line per step, none twice
     assert lines[:3] == read_metrics(finished_run)
     assert all(line["grad_norm"] > 0 for line in lines[3:])
-    assert load_checkpoint(folder)["state"]["step"] == 4
+    assert load_checkpoint(folder)["progress"]["step"] == 4
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["final_greedy_accuracy"] == lines[-1]["eval_greedy_accuracy"]
 
@@ -394,7 +395,7 @@ def test_dynamic_schedule_refuses_a_changed_step_count_on_resume(tmp_path, capsy
     args = tiny_args(
         tmp_path, "--kl-schedule", "dynamic", "--steps", "1", "--warmup-steps", "0", "--eval-size", "2"
     )
-    G.main(args)
+    R.main(args)
     before = snapshot(tmp_path)
     line = refused([*args, "--resume", "--steps", "2"], capsys)
     assert "--steps" in line and "dynamic" in line
