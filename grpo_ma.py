@@ -39,10 +39,12 @@ ANSWER_CLOSE = "</answer>"
 FORMAT_MARKERS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 EMBEDDED = "embedded"
 MAX_ABS_REWARD = 1e150  # beyond this the float64 squares in the std overflow
-LOSS_AGGREGATIONS = ("token", "sequence", "grpo", "dr_grpo")
+AGGREGATIONS = ("token", "sequence", "grpo", "dr_grpo")  # TRL's names: dapo/bnpo, -, grpo, dr_grpo
+SCHEDULES = ("constant", "dynamic")
+TASK_FAMILIES = {"addsub": "+-", "muladd": "+-*"}  # the operators a problem draws from
+PRECISIONS = ("auto", "fp32", "bf16")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_MARKERS = ("image", "video", "vision_start", "vision_end")  # a Qwen2-VL config's <name>_token_id
-
-
 PROGRESS_BARS = True  # grpo_ma_run.py turns them off in every process but the first
 
 
@@ -61,9 +63,7 @@ class Config:
     answers: int = setting(4, "M: answers sampled per thought (stage 2); M=1 is plain GRPO", low=1)
     prompts_per_step: int = setting(8, "prompts per optimizer step", low=1)
     steps: int = setting(150, "GRPO-MA optimizer steps", low=0)
-    micro_batch: int = setting(
-        0, "thoughts (each with its M answers) per forward and backward; 0: all", low=0
-    )
+    micro_batch: int = setting(0, "thoughts (with their answers) per forward and backward; 0: all", low=0)
     # the embedded model's supervised warm-up
     warmup_steps: int = setting(450, "supervised warm-up steps on reference solutions before RL", low=0)
     warmup_lr: float = setting(1e-3, "learning rate of the supervised warm-up", above=0)
@@ -71,66 +71,44 @@ class Config:
     # optimisation
     lr: float = setting(5e-5, "AdamW learning rate for GRPO-MA", above=0)
     grad_clip: float = setting(1.0, "clip the global gradient norm to this value", above=0)
-    num_iterations: int = setting(
-        1, "mu: optimizer steps per rollout batch; 1 means ratio == 1 exactly", low=1
-    )
+    num_iterations: int = setting(1, "mu: optimizer steps per rollout batch (1: ratio == 1)", low=1)
     # loss
     beta: float = setting(0.04, "KL weight for --kl-schedule constant (TRL's default)", low=0)
-    kl_schedule: str = setting(
-        "constant", "beta(s): constant, or dynamic (GRPO-D)", choices=("constant", "dynamic")
-    )
+    kl_schedule: str = setting("constant", "beta(s): constant, or dynamic (GRPO-D)", choices=SCHEDULES)
     beta_min: float = setting(0.04, "GRPO-D: lowest beta, reached at the end of exploration", low=0)
     beta_max: float = setting(0.10, "GRPO-D: beta at the last step", low=0)
-    explore_share: float = setting(
-        0.3, "GRPO-D: w/t, the share of steps over which beta falls", above=0, below=1
-    )
+    explore_share: float = setting(0.3, "GRPO-D: w/t, the share of steps where beta falls", above=0, below=1)
     epsilon: float = setting(0.2, "lower clip range: ratio >= 1 - epsilon", low=0, below=1)
     epsilon_high: float = setting(0.2, "upper clip range: ratio <= 1 + epsilon_high (clip-higher)", low=0)
-    loss_agg: str = setting(
-        "token", "token (TRL: dapo, bnpo), sequence (J_clip), grpo, dr_grpo", choices=LOSS_AGGREGATIONS
-    )
+    loss_agg: str = setting("token", "token, sequence (J_clip), grpo, dr_grpo", choices=AGGREGATIONS)
     kl_bias_correction: bool = setting(False, "multiply the KL term by the ratio rho_t (TRL's default)")
     mask_truncated: bool = setting(False, "leave answers that never closed out of the loss")
     # advantages
     answer_pool: str = setting("all", "answer advantage group: K*M answers, or M", choices=("all", "thought"))
-    scale_rewards: bool = setting(True, "divide by the group std; --no-scale-rewards centres only (Dr. GRPO)")
-    ddof: int = setting(
-        1, "delta degrees of freedom of the std (1: unbiased, as TRL and verl)", choices=(0, 1)
-    )
+    scale_rewards: bool = setting(True, "divide by the group std (--no-scale-rewards: Dr. GRPO)")
+    ddof: int = setting(1, "delta degrees of freedom of the std (1: unbiased)", choices=(0, 1))
     # rewards
     reward: str = setting("accuracy,format", "comma-separated: accuracy, format, steprar, steprvr")
     reward_weights: str = setting("", "comma-separated weights, one per reward (empty: all 1)")
     step_alpha: float = setting(0.1, "StepRAR: weight of the key-step match fraction")
     # sampling
     temperature: float = setting(1.0, "sampling temperature; the loss divides logits by it too", above=0)
-    max_thought_tokens: int = setting(40, "token budget of a thought; longer ones are closed by force", low=1)
+    max_thought_tokens: int = setting(40, "token budget of a thought (then closed by force)", low=1)
     max_answer_tokens: int = setting(10, "token budget of an answer", low=1)
     # task and model
-    task: str = setting("addsub", "embedded task family for training", choices=("addsub", "muladd"))
-    eval_task: str = setting("", "held-out task family (empty: --task)", choices=("", "addsub", "muladd"))
-    model: str = setting(EMBEDDED, "'embedded' (the small Qwen2 built here), or a hub id / folder of a Qwen")
-    lora_rank: int = setting(
-        0, "LoRA rank (peft), adapters added after the warm-up; 0: full fine-tuning", low=0
-    )
+    task: str = setting("addsub", "embedded task family for training", choices=tuple(TASK_FAMILIES))
+    eval_task: str = setting("", "held-out task family (empty: --task)", choices=("", *TASK_FAMILIES))
+    model: str = setting(EMBEDDED, "'embedded' (built here), or a hub id or folder of a Qwen model")
+    lora_rank: int = setting(0, "LoRA rank, adapters added after the warm-up; 0: full fine-tuning", low=0)
     lora_alpha: int = setting(16, "LoRA alpha: the adapters' update is scaled by alpha / rank", low=1)
     lora_dropout: float = setting(0.0, "LoRA dropout", low=0, below=1)
-    lora_targets: str = setting(
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "modules LoRA adapts"
-    )
-    freeze_vision: bool = setting(
-        False, "never train a vision-language model's vision tower (nor its adapters)"
-    )
+    lora_targets: str = setting(",".join(LORA_TARGETS), "the modules LoRA adapts")
+    freeze_vision: bool = setting(False, "never train a VLM's vision tower (nor adapters in it)")
     device: str = setting("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    precision: str = setting(
-        "auto",
-        "forward passes: auto (bf16 on CUDA, fp32 on a CPU), fp32, or bf16 autocast on either device",
-        choices=("auto", "fp32", "bf16"),
-    )
+    precision: str = setting("auto", "forwards: auto (bf16 on CUDA), fp32, bf16", choices=PRECISIONS)
     seed: int = setting(0, "seed of data, model init and sampling")
     # the run's folder
-    out: str = setting(
-        "runs/default", "output folder: config, metrics, summary, final/ (and base/ with LoRA)"
-    )
+    out: str = setting("runs/default", "output folder: config, metrics, summary, final/ (LoRA: base/)")
     save_merged: bool = setting(False, "with LoRA: also save the merged model in OUT/final-merged")
     eval_every: int = setting(50, "held-out evaluation every N steps (and at start and end)", low=1)
     eval_size: int = setting(200, "held-out prompts per evaluation", low=1)
@@ -181,7 +159,6 @@ class Example:
     images: list = field(default_factory=list)  # PIL images the question shows (vision-language models)
 
 
-TASK_FAMILIES = {"addsub": "+-", "muladd": "+-*"}
 STEP_PATTERN = re.compile(r"(\d+):(\d+)([-+*])(\d+)=(-?\d+);")  # "2:11-6=5;"
 
 
@@ -1223,7 +1200,13 @@ def save_final(run: Run, cfg: Config, out: Path) -> None:
         (run.processor or run.tokenizer).save_pretrained(out / "final-merged")
 
 
-def summarise(cfg: Config, progress: Progress, device: torch.device) -> dict:
+def save_base(run: Run, out: Path) -> None:
+    """The (warmed-up) base a LoRA run's adapters belong on, when it exists nowhere else (`saves_base`)."""
+    run.policy.save_pretrained(out / BASE)
+    (run.processor or run.tokenizer).save_pretrained(out / BASE)
+
+
+def summarise(cfg: Config, progress: Progress, device: torch.device, processes: int = 1) -> dict:
     """The run in numbers: held-out accuracy at the start and the end, spikes, time, where it ran."""
     start, last = progress.start_eval, progress.last_eval
     summary = {"config": f"T{cfg.thoughts}A{cfg.answers}", "seed": cfg.seed, "steps": cfg.steps}
@@ -1232,6 +1215,15 @@ def summarise(cfg: Config, progress: Progress, device: torch.device) -> dict:
     summary["gss_over_10"] = progress.gss_over_10
     summary["wall_seconds"] = progress.wall_seconds
     summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return summary | {"processes": processes}
+
+
+def finish(run: Run, cfg: Config, progress: Progress, out: Path, processes: int = 1) -> dict:
+    """The end of a run: the trained policy in OUT/final, the summary in OUT/summary.json, and one line."""
+    summary = summarise(cfg, progress, run.device, processes)
+    save_final(run, cfg, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    say_accuracy("after GRPO-MA", progress.start_eval, progress.last_eval)
     return summary
 
 
@@ -1269,8 +1261,7 @@ def train(
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     supervised_warmup(run, cfg)
     if saves_base(cfg):
-        run.policy.save_pretrained(out / BASE)
-        (run.processor or run.tokenizer).save_pretrained(out / BASE)
+        save_base(run, out)
     add_adapters(run, cfg, out)  # after the warm-up, so that the adapter switched off is the start policy
     reference = kl_reference(run, cfg)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]
@@ -1290,11 +1281,7 @@ def train(
         write_metrics(out / "metrics.jsonl", record)
 
     progress.wall_seconds = time.time() - started
-    summary = summarise(cfg, progress, run.device)
-    save_final(run, cfg, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    say_accuracy("after GRPO-MA", progress.start_eval, progress.last_eval)
-    return summary
+    return finish(run, cfg, progress, out)
 
 
 # ================================================================================================
@@ -1317,15 +1304,16 @@ def build_parser(defaults: Config | None = None, parser: argparse.ArgumentParser
     return parser
 
 
-def run_cli(entry: Callable, *args, debug: bool = False):
-    """entry(*args) as a command: an error is one line on stderr and exit status 1, with the traceback only
-    under --debug. (The Python API raises the same exceptions.)"""
+def run_cli(entry: Callable, *args, debug: bool = False, say_errors: bool = True):
+    """entry(*args) as a command: an error is one line on stderr (unless say_errors is False: another
+    process says it) and exit status 1, with the traceback only under --debug. (The Python API raises.)"""
     try:
         return entry(*args)
     except (ValueError, OSError, RuntimeError) as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        if say_errors:
+            print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -1,19 +1,16 @@
-"""A GRPO-MA run that can last days, on top of grpo_ma.py: the same steps, with what keeps a long run alive.
+"""A GRPO-MA run that can last days: grpo_ma.py's steps, plus what keeps a long run alive, none of which
+changes what a step computes. grpo_ma.py never imports this file.
 
-    python grpo_ma_run.py --out runs/long            # every grpo_ma.py flag, plus the run flags below
+    python grpo_ma_run.py --out runs/long            # every grpo_ma.py flag, plus the run flags
     python grpo_ma_run.py --out runs/long --resume   # continue after a kill, bit-exact
     torchrun --nproc-per-node 2 grpo_ma_run.py       # data-parallel over processes (DDP)
 
-What this file adds, none of which changes what a step computes:
-- a folder that never mixes runs (--overwrite clears one, --resume continues it);
-- checkpoints every --save-every steps, written atomically, with the one before kept as a fallback, read
-  back as data (torch's safe loader), and bit-exact resume and extension (--resume --steps N);
-- live views of metrics.jsonl (--report-to tensorboard|wandb);
-- several processes under torchrun: each grows whole trees for its share of a step's prompts, and the
-  counts the loss normalises by are summed over them (grpo_ma.Processes).
-grpo_ma.py never imports this file.
+It adds: a folder that never mixes runs and has one owner; checkpoints read back as data, with a fallback;
+resume and extension; live views (--report-to); and several processes, which each grow whole trees for their
+share of a step's prompts and sum the loss's normaliser over all of them (grpo_ma.Processes).
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -47,12 +44,11 @@ class RunConfig(G.Config):
     overwrite: bool = G.setting(False, "clear the run files in --out and start a new run there")
     save_every: int = G.setting(10, "write a checkpoint every N steps", low=1)
     report_to: str = G.setting(
-        "none", "also log metrics to tensorboard (OUT/tensorboard) or wandb", choices=REPORTERS
+        "none", "also log to tensorboard (OUT/tensorboard) or wandb", choices=REPORTERS
     )
 
 
-# settings a resumed run may change: none of them changes what the run computes
-RESUMABLE_CHANGES = {
+RESUMABLE_CHANGES = {  # the settings a resumed run may change: none changes what the run computes
     "resume", "overwrite", "device", "precision", "out", "steps", "save_every", "save_merged", "micro_batch",
     "report_to",
 }  # fmt: skip
@@ -64,14 +60,11 @@ def validate_run_config(cfg: RunConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
-        raise ValueError(
-            f'--report-to {cfg.report_to} needs its package: pip install "grpo-ma[{cfg.report_to}]"'
-        )
+        extra = f'"grpo-ma[{cfg.report_to}]"'
+        raise ValueError(f"--report-to {cfg.report_to} needs its package: pip install {extra}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if cfg.prompts_per_step % processes:
-        raise ValueError(
-            f"--prompts-per-step {cfg.prompts_per_step} does not split over {processes} processes"
-        )
+        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} does not split over {processes} ranks")
 
 
 # ================================================================================================
@@ -125,30 +118,76 @@ RUN_FILES = ("config.json", "metrics.jsonl", "reference.pt", "summary.json")
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")  # the newest first
 
 
-def open_run_folder(cfg: RunConfig, out: Path) -> None:
-    """A run never writes into a folder that holds another run unless told: --overwrite clears the run's
-    files; --resume continues the run there (`resume` reads its checkpoint and compares the settings the
-    checkpoint itself recorded, so a second run that died before its first checkpoint never adopts it)."""
+LOCK = "run.lock"  # the process id of the run that owns the folder, while it runs
+REPLACED = (*RUN_FILES, *CHECKPOINTS, G.FINAL, G.BASE, "final-merged", "tensorboard", "wandb", LOCK)
+
+
+def lock_owner(out: Path) -> int | None:
+    """The process id in OUT/run.lock, or None when there is no lock (an unreadable one reads as 0)."""
+    if not (out / LOCK).is_file():
+        return None
+    text = (out / LOCK).read_text().strip()
+    return int(text) if text.isdigit() else 0
+
+
+def is_running(pid: int) -> bool:
+    try:
+        with contextlib.suppress(PermissionError):  # raised for another user's process, which exists
+            os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    return pid > 0
+
+
+def check_run_folder(cfg: RunConfig, out: Path) -> None:
+    """Before any work, writing nothing: never into a folder a running process owns, nor into one another run
+    holds unless told (`resume` compares the settings its checkpoint recorded: a run that died before its
+    first checkpoint is never adopted)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    owner = lock_owner(out)
+    if owner is not None and is_running(owner):
+        raise ValueError(f"--out {out} is in use by process {owner} ({out / LOCK}): wait for it or stop it")
     holds_run = any((out / name).exists() for name in (*RUN_FILES, *CHECKPOINTS, G.FINAL, G.BASE))
     if holds_run and not (cfg.resume or cfg.overwrite):
-        raise ValueError(
-            f"--out {out} holds another run: add --resume to continue it, --overwrite to replace it"
-        )
+        raise ValueError(f"--out {out} holds another run: --resume continues it, --overwrite replaces it")
     if cfg.resume and not any((out / name).exists() for name in CHECKPOINTS):
         raise ValueError(f"--resume: {out} holds no readable checkpoint")
     if cfg.resume and G.saves_base(cfg) and not (out / G.BASE).is_dir():
         raise ValueError(f"--resume: {out} has no {G.BASE}/, the base model its LoRA adapters belong on")
-    if rank_and_count()[1] > 1:
-        dist.barrier()  # every process has looked before rank 0 changes anything
-    if rank_and_count()[0] == 0:
+
+
+@contextlib.contextmanager
+def owned_folder(cfg: RunConfig, out: Path):
+    """Rank 0 makes the folder (only now: a start that failed leaves none) and owns it while the run goes on:
+    OUT/run.lock, made atomically, holds its process id until the run ends, and stops a second process; a
+    lock whose process has ended is named and replaced. Then --overwrite clears all the old run wrote."""
+    if rank_and_count()[0] > 0:
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stale = lock_owner(out)
+        if stale is not None and not is_running(stale):
+            print(f"warning: {out / LOCK} names process {stale}, which has ended: taking the folder over")
+            (out / LOCK).unlink()
+        with open(out / LOCK, "x") as lock:
+            lock.write(f"{os.getpid()}\n")
+    except FileExistsError:
+        raise ValueError(f"--out {out} is in use by process {lock_owner(out)} ({out / LOCK})") from None
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write there ({error.strerror})") from None
+    try:
         (out / "checkpoint.tmp").unlink(missing_ok=True)  # half-written by a kill
         if cfg.overwrite:
-            for folder in (G.FINAL, G.BASE):
-                shutil.rmtree(out / folder, ignore_errors=True)
-            for name in RUN_FILES + CHECKPOINTS:
-                (out / name).unlink(missing_ok=True)
-        if not cfg.resume:
-            out.mkdir(parents=True, exist_ok=True)
+            for path in [*(out / name for name in REPLACED if name != LOCK), *out.glob("*.unreadable")]:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        yield
+    finally:
+        (out / LOCK).unlink(missing_ok=True)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -209,9 +248,7 @@ def base_identity(model, cfg: G.Config, out: Path) -> dict:
     return {"model": G.base_source(cfg, out), "sha256": digest.hexdigest()}
 
 
-def save_checkpoint(
-    out: Path, run: G.Run, optimizer, progress: G.Progress, cfg: RunConfig, base=None
-) -> None:
+def save_checkpoint(out: Path, run: G.Run, optimizer, progress: G.Progress, cfg: RunConfig, base=None):
     """Everything the next step depends on, RNG states included, as tensors and plain values only. Written to
     a temporary file and renamed into place, so a kill mid-write leaves no half file; the checkpoint before
     stays as a fallback."""
@@ -245,8 +282,7 @@ def read_checkpoint(path: Path) -> dict:
     except Exception as error:  # cut off, corrupt, or a pickle of other objects: torch raises several kinds
         raise UnreadableCheckpoint(f"cannot read {path} ({str(error).strip().splitlines()[0]})") from None
     if not isinstance(checkpoint, dict):
-        kind = type(checkpoint).__name__
-        raise UnreadableCheckpoint(f"{path} is not a grpo_ma checkpoint (it holds a {kind})")
+        raise UnreadableCheckpoint(f"{path} holds a {type(checkpoint).__name__}, not a grpo_ma checkpoint")
     for key, kind in CHECKPOINT_KEYS.items():
         if not isinstance(checkpoint.get(key), kind):
             raise UnreadableCheckpoint(f"{path} is not a grpo_ma checkpoint: {key!r} is missing or malformed")
@@ -257,10 +293,8 @@ def check_resume_settings(checkpoint: dict, cfg: RunConfig, base: dict | None, p
     """A resume continues the same run: the settings the checkpoint recorded (bar RESUMABLE_CHANGES), the same
     number of processes and, with LoRA, the same base weights."""
     saved = checkpoint["config"]
-    compared = [key for key in dataclasses.asdict(cfg) if key not in RESUMABLE_CHANGES]
-    changed = {
-        key: (saved.get(key), getattr(cfg, key)) for key in compared if saved.get(key) != getattr(cfg, key)
-    }
+    now = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in RESUMABLE_CHANGES}
+    changed = {key: (saved.get(key), value) for key, value in now.items() if saved.get(key) != value}
     if changed:
         raise ValueError(f"--resume with settings that differ from the checkpoint {path}: {changed}")
     step = checkpoint["progress"].get("step")
@@ -269,14 +303,10 @@ def check_resume_settings(checkpoint: dict, cfg: RunConfig, base: dict | None, p
     if cfg.steps != saved["steps"] and cfg.kl_schedule == "dynamic":
         raise ValueError("--steps cannot change with --kl-schedule dynamic: beta(s) depends on the total")
     if len(checkpoint["rng"]) != rank_and_count()[1]:
-        raise ValueError(
-            f"{path} ran with {len(checkpoint['rng'])} processes, this run has {rank_and_count()[1]}"
-        )
+        raise ValueError(f"{path} ran with {len(checkpoint['rng'])} processes, not {rank_and_count()[1]}")
     hashes = [(identity or {}).get("sha256") for identity in (checkpoint["base"], base)]  # folders may move
     if hashes[0] != hashes[1]:
-        raise ValueError(
-            f"--resume: the base model is not the one {path} was trained on: {checkpoint['base']}"
-        )
+        raise ValueError(f"--resume: the base model is not the one {path} trained: {checkpoint['base']}")
 
 
 def restore(checkpoint: dict, run: G.Run, optimizer, cfg: G.Config) -> G.Progress:
@@ -288,9 +318,7 @@ def restore(checkpoint: dict, run: G.Run, optimizer, cfg: G.Config) -> G.Progres
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"its weight {name!r} ({shape}) is not one of this model's")
     if len(checkpoint["model"]) != len(expected):
-        raise ValueError(
-            f"it holds {len(checkpoint['model'])} of the model's {len(expected)} trained weights"
-        )
+        raise ValueError(f"it holds {len(checkpoint['model'])} of the model's {len(expected)} weights")
     run.policy.load_state_dict(checkpoint["model"], strict=not cfg.lora_rank)
     optimizer.load_state_dict(checkpoint["optimizer"])
     run.data_rng.setstate(checkpoint["data_rng"])
@@ -321,7 +349,7 @@ def resume(out: Path, run: G.Run, optimizer, cfg: RunConfig, base: dict | None) 
 
 
 # ================================================================================================
-# Live views
+# Live views, and the run
 # ================================================================================================
 def open_reporter(cfg: RunConfig, out: Path, step: int):
     """The live view --report-to asks for, imported only then: a tensorboard writer in OUT/tensorboard (on
@@ -339,8 +367,9 @@ def open_reporter(cfg: RunConfig, out: Path, step: int):
     return None
 
 
-def report(reporter, record: dict) -> None:
-    """A step's numeric metrics to the live view, under the names metrics.jsonl uses."""
+def log_step(path: Path, record: dict, reporter) -> None:
+    """A step's line in metrics.jsonl, and its numbers to the live view under the same names."""
+    G.write_metrics(path, record)
     values = {
         key: value for key, value in record.items() if isinstance(value, (int, float)) and key != "step"
     }
@@ -359,9 +388,6 @@ def close_reporter(reporter) -> None:
         reporter.finish()
 
 
-# ================================================================================================
-# The run
-# ================================================================================================
 def train(
     cfg: RunConfig,
     train_pool: Sequence[G.Example] | None = None,
@@ -372,19 +398,26 @@ def train(
     """grpo_ma.train's run, kept alive: the same warm-up, evaluations and steps, plus a checkpoint every
     --save-every steps, --resume, --report-to and torchrun. Rank 0 evaluates and writes every file. Returns
     the summary also written to OUT/summary.json."""
-    started = time.time()
     validate_run_config(cfg)
     start_processes(cfg)
+    out = Path(cfg.out)
+    check_run_folder(cfg, out)
+    # a resumed LoRA run whose base exists nowhere else loads it from OUT/base
+    model = str(out / G.BASE) if cfg.resume and G.saves_base(cfg) else cfg.model
+    base_cfg = dataclasses.replace(cfg, model=model)
+    run = G.start_run(base_cfg, train_pool, eval_examples, reward_fns, is_correct)
+    with owned_folder(cfg, out):
+        if rank_and_count()[1] > 1:
+            dist.barrier()  # rank 0 owns the folder before any process goes on
+        return run_in_folder(cfg, run, out)
+
+
+def run_in_folder(cfg: RunConfig, run: G.Run, out: Path) -> dict:
+    """The run in its folder: start it (or resume it), then the steps with their checkpoints and metrics."""
+    started = time.time()
     rank, count = rank_and_count()
     G.PROGRESS_BARS = rank == 0
     processes = G.Processes(rank, count, sum_over_processes if count > 1 else None)
-    out = Path(cfg.out)
-    open_run_folder(cfg, out)
-    # a resumed LoRA run whose base exists nowhere else loads it from OUT/base
-    model = str(out / G.BASE) if cfg.resume and G.saves_base(cfg) else cfg.model
-    run = G.start_run(
-        dataclasses.replace(cfg, model=model), train_pool, eval_examples, reward_fns, is_correct
-    )
     metrics = out / "metrics.jsonl"
     if not cfg.resume:
         if rank == 0:
@@ -394,30 +427,31 @@ def train(
         if rank == 0 and not cfg.lora_rank:
             torch.save(run.policy.state_dict(), out / "reference.pt")  # the start policy, for a resume
         if rank == 0 and G.saves_base(cfg):
-            run.policy.save_pretrained(out / G.BASE)
-            (run.processor or run.tokenizer).save_pretrained(out / G.BASE)
+            G.save_base(run, out)
     base = base_identity(run.policy, cfg, out) if cfg.lora_rank else None
     G.add_adapters(run, cfg, out)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     if cfg.resume:
         progress = resume(out, run, optimizer, cfg, base)
+        if progress.step == cfg.steps and (out / "summary.json").exists():
+            print(f"{out} finished at step {progress.step}: nothing to do (a larger --steps extends it)")
+            return json.loads((out / "summary.json").read_text())
     else:
         progress = G.Progress(start_eval=from_rank_0(functools.partial(G.evaluate, run, cfg)))
         progress.last_eval = progress.start_eval
     reference = G.kl_reference(run, cfg)
     if reference is not None and not cfg.lora_rank:  # the start policy, also when resumed
-        reference.load_state_dict(
-            torch.load(out / "reference.pt", map_location=run.device, weights_only=True)
-        )
+        start = torch.load(out / "reference.pt", map_location=run.device, weights_only=True)
+        reference.load_state_dict(start)
     reporter = open_reporter(cfg, out, progress.step) if rank == 0 else None
-    if rank == 0 and cfg.resume:
+    if cfg.resume and rank == 0:
         truncate_metrics(metrics, progress.step)
         print(f"resuming {out} from step {progress.step}")
-    elif rank == 0:
-        write_and_report(metrics, {"step": 0, **progress.start_eval}, reporter)
-        G.say_accuracy("start policy", progress.start_eval)
-    if not cfg.resume:
+    elif not cfg.resume:
+        if rank == 0:
+            log_step(metrics, {"step": 0, **progress.start_eval}, reporter)
+            G.say_accuracy("start policy", progress.start_eval)
         if count > 1:
             torch.manual_seed(cfg.seed * 1000 + rank)  # each process samples rollouts of its own
         save_checkpoint(out, run, optimizer, progress, cfg, base)
@@ -436,7 +470,7 @@ def train(
             record |= progress.last_eval
             bar.unpause()  # the bar's rate and ETA count training steps, not evaluations
         if rank == 0:
-            write_and_report(metrics, record, reporter)
+            log_step(metrics, record, reporter)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             progress.wall_seconds += time.time() - started
@@ -445,18 +479,10 @@ def train(
     bar.close()
 
     progress.wall_seconds += time.time() - started  # every part of a resumed run
-    summary = G.summarise(cfg, progress, run.device) | {"processes": count}
-    if rank == 0:
-        G.save_final(run, cfg, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        G.say_accuracy("after GRPO-MA", progress.start_eval, progress.last_eval)
-        close_reporter(reporter)
-    return summary
-
-
-def write_and_report(path: Path, record: dict, reporter) -> None:
-    G.write_metrics(path, record)
-    report(reporter, record)
+    if rank > 0:
+        return G.summarise(cfg, progress, run.device, count)
+    close_reporter(reporter)
+    return G.finish(run, cfg, progress, out, count)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
@@ -464,9 +490,10 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """The command: an error is one line, with no traceback unless --debug."""
+    """The command; under torchrun only rank 0 prints an error."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return G.run_cli(train, parse_args(argv), debug="--debug" in argv)
+    first = os.environ.get("RANK", "0") == "0"
+    return G.run_cli(train, parse_args(argv), debug="--debug" in argv, say_errors=first)
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def foreign_checkpoint(kind: str, folder: Path, marker: Path):
         words = f"{name!r} ((3, 3)) is not one of this model's"
     else:  # a plain tensor
         payload = torch.zeros(2)
-        words = "it holds a Tensor"
+        words = "holds a Tensor"
     torch.save(payload, folder / "checkpoint.pt")
     return words
 
