@@ -886,8 +886,11 @@ def forward_precision(cfg: Config, device: torch.device):
     CPU autocast, so the GPU path's numerics run in CI). The rule: autocast wraps forward passes, never an
     optimizer step, because autocast keeps its bf16 copy of each weight until its context exits, and every
     forward after a step inside the same context would run on the weights from before the step."""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
+
+
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -1172,9 +1175,13 @@ def base_source(cfg: Config, out: Path) -> str:
 
 
 def add_adapters(run: Run, cfg: Config, out: Path) -> None:
-    """With --lora-rank, LoRA adapters on the (warmed-up) policy, named by the base they belong on."""
+    """With --lora-rank, LoRA adapters on the (warmed-up) policy, named by the base they belong on. Where the
+    forwards run in bf16, so is the frozen base stored: nothing updates it, so it needs no float32 master
+    copy, and it takes half the memory; the adapters stay float32 with their AdamW state."""
     if not cfg.lora_rank:
         return
+    if uses_bf16(cfg, run.device):
+        run.policy.to(torch.bfloat16)
     run.policy = add_lora(run.policy, cfg)
     run.policy.peft_config["default"].base_model_name_or_path = base_source(cfg, out)  # for OUT/final
     if cfg.freeze_vision:

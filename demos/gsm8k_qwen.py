@@ -34,7 +34,6 @@ weights and AdamW state: ~6 GB for 0.5B in float32 (--save-every).
 """
 
 import argparse
-import dataclasses
 import json
 import re
 import sys
@@ -45,10 +44,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python demos/gsm8k_qwen.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-
 import grpo_ma
-import grpo_ma_run
+from demos import common
 from grpo_ma import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, Example
 
 # ================================================================================================
@@ -106,17 +103,13 @@ def to_example(record: dict, use_key_steps: bool = True) -> Example:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """Every record of the file, each checked to have a question and an answer."""
     records = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not {"question", "answer"} <= set(record):
-                raise ValueError(
-                    f"{path}:{line_number}: a record needs 'question' and 'answer', got {sorted(record)}"
-                )
-            records.append(record)
+    for where, line in common.jsonl_lines(path):
+        record = json.loads(line)
+        if not {"question", "answer"} <= set(record):
+            raise ValueError(f"{where}: a record needs 'question' and 'answer', got {sorted(record)}")
+        records.append(record)
     return records
 
 
@@ -147,13 +140,9 @@ def load_splits(args: argparse.Namespace, cfg: grpo_ma.Config) -> tuple[list[Exa
         if args.eval_data:
             eval_records = read_jsonl(args.eval_data)
         else:
-            held_out = max(1, round(len(train_records) * args.holdout_fraction))
-            if held_out >= len(train_records):
-                raise ValueError(
-                    f"{args.data}: {len(train_records)} records leave none to train on after "
-                    f"holding out {held_out}; add records or pass --eval-data"
-                )
-            train_records, eval_records = train_records[:-held_out], train_records[-held_out:]
+            train_records, eval_records = common.hold_out_tail(
+                train_records, args.holdout_fraction, args.data
+            )
     else:
         train_records = hub_records(args.hub_dataset, args.hub_config, "train")[: args.limit]
         eval_records = (
@@ -163,13 +152,7 @@ def load_splits(args: argparse.Namespace, cfg: grpo_ma.Config) -> tuple[list[Exa
         )
     train_pool = [to_example(r, args.key_steps) for r in train_records]
     eval_examples = [to_example(r, args.key_steps) for r in eval_records[: cfg.eval_size]]
-    # grpo_ma draws each step's prompts without replacement from the pool
-    needed = max(cfg.prompts_per_step, cfg.warmup_batch if cfg.warmup_steps else 0)
-    if len(train_pool) < needed or not eval_examples:
-        raise ValueError(
-            f"{len(train_pool)} training and {len(eval_examples)} held-out examples: need at least "
-            f"{needed} (--prompts-per-step, --warmup-batch) and 1"
-        )
+    common.require_enough_for_a_step(cfg, len(train_pool), len(eval_examples), "examples")
     return train_pool, eval_examples
 
 
@@ -207,20 +190,13 @@ def make_steprar(alpha: float):
 
 def gsm8k_reward_functions(cfg: grpo_ma.Config) -> list[tuple[grpo_ma.RewardFn, float]]:
     """--reward and --reward-weights as grpo_ma reads them, with the numeric reward in place of the embedded
-    task's integer check."""
-    names = [n.strip() for n in cfg.reward.split(",") if n.strip()]
-    if "steprvr" in names:
-        raise ValueError(
-            "steprvr checks the embedded task's 'n:a op b=c;' steps; GSM8K thoughts are free text. "
-            "Use accuracy, format or steprar"
-        )
-    weighted = grpo_ma.reward_functions(cfg)  # validates names and the weight count
+    task's integer check; --reward steprvr is refused."""
     registry = {
         "accuracy": numeric_answer,
         "format": grpo_ma.format_reward,
         "steprar": make_steprar(cfg.step_alpha),
     }
-    return [(registry[name], weight) for name, (_, weight) in zip(names, weighted)]
+    return common.weighted_rewards(cfg, registry, "GSM8K thoughts")
 
 
 # ================================================================================================
@@ -245,32 +221,19 @@ GPU_DEFAULTS = dict(
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m demos.gsm8k_qwen", description=__doc__.splitlines()[0])
-    demo = parser.add_argument_group("data (this demo)")
+def add_data_flags(demo: argparse._ArgumentGroup) -> None:
+    """This demo's own flags: where the GSM8K records come from and how they are split."""
     demo.add_argument(
         "--data",
         default=None,
         help="training JSONL, one {question, answer} a line, the answer ending in '#### <number>' "
         "(default: GSM8K's train split from the hub, needs the datasets library)",
     )
-    demo.add_argument(
-        "--eval-data",
-        default=None,
-        help="held-out JSONL in the same format (default: the hub's test split, or with --data the "
+    common.add_split_flags(
+        demo,
+        eval_data_help="held-out JSONL in the same format (default: the hub's test split, or with --data the "
         "last --holdout-fraction of the training file)",
-    )
-    demo.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="use only the first N training records, before the held-out slice is cut (default: all)",
-    )
-    demo.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=0.1,
-        help="with --data and no --eval-data: the share of the file, from its end, held out "
+        holdout_help="with --data and no --eval-data: the share of the file, from its end, held out "
         "(default: %(default)s)",
     )
     demo.add_argument(
@@ -286,40 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="hub dataset read when no --data is given (default: %(default)s)",
     )
     demo.add_argument("--hub-config", default="main", help="its configuration (default: %(default)s)")
-    core = parser.add_argument_group("GRPO-MA (every grpo_ma.Config field; defaults set for one GPU)")
-    grpo_ma.build_parser(
-        grpo_ma_run.RunConfig(**GPU_DEFAULTS), core
-    )  # --task/--eval-task are unused: data is --data
-    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return common.build_parser(
+        "python -m demos.gsm8k_qwen", __doc__, "data (this demo)", add_data_flags, GPU_DEFAULTS
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[grpo_ma.Config, argparse.Namespace]:
     """Split the parsed flags into a grpo_ma.Config and this demo's own options."""
-    values = vars(build_parser().parse_args(argv))
-    config_fields = {f.name for f in dataclasses.fields(grpo_ma_run.RunConfig)}
-    cfg = grpo_ma_run.RunConfig(**{k: v for k, v in values.items() if k in config_fields})
-    return cfg, argparse.Namespace(**{k: v for k, v in values.items() if k not in config_fields})
+    return common.split_flags(vars(build_parser().parse_args(argv)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, args = parse_args(argv)
-    if cfg.model == grpo_ma.EMBEDDED:
-        raise ValueError(
-            "this demo trains a real model: pass --model <hub id or local path>; "
-            "the embedded model and task are `python grpo_ma.py`"
-        )
+    common.require_real_model(cfg, "this demo trains a real model")
     reward_fns = gsm8k_reward_functions(cfg)
     train_pool, eval_examples = load_splits(args, cfg)
-    print(f"GSM8K: {len(train_pool)} training and {len(eval_examples)} held-out examples")
-    if grpo_ma.pick_device(cfg).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in float32 uses TF32 tensor cores
-    return grpo_ma_run.train(
-        cfg,
-        train_pool=train_pool,
-        eval_examples=eval_examples,
-        reward_fns=reward_fns,
-        is_correct=answer_matches,
-    )
+    return common.train(cfg, "GSM8K", train_pool, eval_examples, reward_fns, answer_matches)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,6 @@ builds its video processor, which needs torchvision (a GPU install of torch has 
 """
 
 import argparse
-import dataclasses
-import json
 import re
 import sys
 from collections.abc import Sequence
@@ -79,11 +77,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python demos/vlm_qwen.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
 from PIL import Image
 
 import grpo_ma
-import grpo_ma_run
+from demos import common
 from demos.gsm8k_qwen import answer_matches, make_steprar, normalize_number, numeric_answer
 from grpo_ma import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, Example
 
@@ -117,10 +114,10 @@ def normalize_key_steps(key_steps, where: str) -> list[list[str]]:
     return normalized
 
 
-def parse_record(record, jsonl_path: Path, line_number: int) -> dict:
-    """One checked line: question, normalized answer, key steps, reference thought, and the image's resolved
-    path, which must exist. The image itself is opened later, only for the records a run uses."""
-    where = f"{jsonl_path}:{line_number}"
+def parse_record(record, where: str, jsonl_folder: Path) -> dict:
+    """One checked line (`where` is its "FILE:LINE"): question, normalized answer, key steps, reference
+    thought, and the image's resolved path, which must exist. The image itself is opened later, only for the
+    records a run uses."""
     if not isinstance(record, dict) or not REQUIRED_FIELDS <= set(record):
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"{where}: a record needs 'image', 'question' and 'answer', got {found}")
@@ -131,7 +128,7 @@ def parse_record(record, jsonl_path: Path, line_number: int) -> dict:
     number = None if isinstance(answer, bool) else normalize_number(str(answer))
     if number is None:
         raise ValueError(f"{where}: 'answer' must be a number, got {answer!r}")
-    image = resolve_image_path(record["image"], jsonl_path.parent)
+    image = resolve_image_path(record["image"], jsonl_folder)
     if not image.is_file():
         raise ValueError(f"{where}: image not found: {image}")
     return {
@@ -147,19 +144,10 @@ def parse_record(record, jsonl_path: Path, line_number: int) -> dict:
 def read_jsonl(path: str, limit: int | None = None) -> list[dict]:
     """The file's records (the first `limit`, when given), each checked by `parse_record`."""
     jsonl_path = Path(path)
-    records = []
-    with jsonl_path.open() as lines:
-        for line_number, line in enumerate(lines, 1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{jsonl_path}:{line_number}: not JSON ({error})") from None
-            records.append(parse_record(record, jsonl_path, line_number))
-    return records
+    return [
+        parse_record(common.parse_json_line(line, where), where, jsonl_path.parent)
+        for where, line in common.jsonl_lines(jsonl_path, limit)
+    ]
 
 
 def open_image(path: Path, max_pixels: int) -> Image.Image:
@@ -194,20 +182,8 @@ def load_splits(args: argparse.Namespace, cfg: grpo_ma.Config) -> tuple[list[Exa
     if args.eval_data:
         eval_records = read_jsonl(args.eval_data, cfg.eval_size)
     else:
-        held_out = max(1, round(len(train_records) * args.holdout_fraction))
-        if held_out >= len(train_records):
-            raise ValueError(
-                f"{args.data}: {len(train_records)} records leave none to train on after holding out "
-                f"{held_out}; add records or pass --eval-data"
-            )
-        train_records, eval_records = train_records[:-held_out], train_records[-held_out:]
-    # grpo_ma draws each step's prompts without replacement from the pool
-    needed = max(cfg.prompts_per_step, cfg.warmup_batch if cfg.warmup_steps else 0)
-    if len(train_records) < needed or not eval_records:
-        raise ValueError(
-            f"{len(train_records)} training and {len(eval_records)} held-out records: need at least "
-            f"{needed} (--prompts-per-step, --warmup-batch) and 1"
-        )
+        train_records, eval_records = common.hold_out_tail(train_records, args.holdout_fraction, args.data)
+    common.require_enough_for_a_step(cfg, len(train_records), len(eval_records), "records")
     train_pool = [to_example(r, args.max_image_pixels) for r in train_records]
     eval_examples = [to_example(r, args.max_image_pixels) for r in eval_records[: cfg.eval_size]]
     return train_pool, eval_examples
@@ -227,27 +203,19 @@ def numeric_format(prompt, thought, answer, example) -> float:
 
 def vlm_reward_functions(cfg: grpo_ma.Config) -> list[tuple[grpo_ma.RewardFn, float]]:
     """--reward and --reward-weights as grpo_ma reads them, with the numeric reward and a format reward that
-    allows decimals in place of the embedded task's integer ones."""
-    names = [n.strip() for n in cfg.reward.split(",") if n.strip()]
-    if "steprvr" in names:
-        raise ValueError(
-            "steprvr checks the embedded task's 'n:a op b=c;' steps; thoughts about an image are free text. "
-            "Use accuracy, format or steprar"
-        )
-    weighted = grpo_ma.reward_functions(cfg)  # validates names and the weight count
+    allows decimals in place of the embedded task's integer ones; --reward steprvr is refused."""
     registry = {
         "accuracy": numeric_answer,
         "format": numeric_format,
         "steprar": make_steprar(cfg.step_alpha),
     }
-    return [(registry[name], weight) for name, (_, weight) in zip(names, weighted)]
+    return common.weighted_rewards(cfg, registry, "thoughts about an image")
 
 
 def require_key_steps_for_steprar(cfg: grpo_ma.Config, train_pool: list[Example], data: str) -> None:
     """Without key steps StepRAR is `accuracy` under another name: refuse it rather than log a misleading
     reward."""
-    names = {n.strip() for n in cfg.reward.split(",")}
-    if "steprar" in names and not any(example.key_steps for example in train_pool):
+    if "steprar" in common.reward_names(cfg) and not any(example.key_steps for example in train_pool):
         raise ValueError(f"--reward steprar: no training record in {data} has 'key_steps'")
 
 
@@ -287,31 +255,19 @@ def defer_beta_bounds_to_kl_pair(parser: argparse.ArgumentParser) -> None:
             action.help = action.help.replace("%(default)s", "per --kl-pair")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m demos.vlm_qwen", description=__doc__.splitlines()[0])
-    demo = parser.add_argument_group("data (this recipe)")
+def add_data_flags(demo: argparse._ArgumentGroup) -> None:
+    """This recipe's own flags: the JSONL files, their split, image size and the GRPO-D pair."""
     demo.add_argument(
         "--data",
         required=True,
         help="training JSONL, one {image, question, answer[, key_steps, thought]} a line; image paths are "
         "relative to the file's folder or absolute",
     )
-    demo.add_argument(
-        "--eval-data",
-        default=None,
-        help="held-out JSONL in the same format (default: the last --holdout-fraction of --data)",
-    )
-    demo.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="use only the first N training records, before the held-out slice is cut (default: all)",
-    )
-    demo.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=0.1,
-        help="without --eval-data: the share of --data, from its end, held out (default: %(default)s)",
+    common.add_split_flags(
+        demo,
+        eval_data_help="held-out JSONL in the same format (default: the last --holdout-fraction of --data)",
+        holdout_help="without --eval-data: the share of --data, from its end, held out "
+        "(default: %(default)s)",
     )
     demo.add_argument(
         "--max-image-pixels",
@@ -327,9 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --kl-schedule dynamic (GRPO-D): OThink-MR1's (beta_min, beta_max), counting (0.04, 0.10) "
         "or geometry (0.0, 0.02); an explicit --beta-min or --beta-max wins (default: %(default)s)",
     )
-    core = parser.add_argument_group("GRPO-MA (every grpo_ma.Config field; defaults set for one GPU)")
-    # --task/--eval-task name grpo_ma's embedded task and are unused: the data is --data
-    grpo_ma.build_parser(grpo_ma_run.RunConfig(**GPU_DEFAULTS), core)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = common.build_parser(
+        "python -m demos.vlm_qwen", __doc__, "data (this recipe)", add_data_flags, GPU_DEFAULTS
+    )
     defer_beta_bounds_to_kl_pair(parser)
     return parser
 
@@ -341,9 +300,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[grpo_ma.Config, argpa
     for name, pair_value in zip(("beta_min", "beta_max"), KL_PAIRS[values["kl_pair"]]):
         if values[name] is None:
             values[name] = pair_value
-    config_fields = {f.name for f in dataclasses.fields(grpo_ma_run.RunConfig)}
-    cfg = grpo_ma_run.RunConfig(**{k: v for k, v in values.items() if k in config_fields})
-    return cfg, argparse.Namespace(**{k: v for k, v in values.items() if k not in config_fields})
+    return common.split_flags(values)
 
 
 def require_vision_model(model: str) -> None:
@@ -365,27 +322,14 @@ def require_vision_model(model: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, args = parse_args(argv)
-    if cfg.model == grpo_ma.EMBEDDED:
-        raise ValueError(
-            "this recipe trains a real vision-language model: pass --model <hub id or local path>; "
-            "the embedded model and task are `python grpo_ma.py`"
-        )
+    common.require_real_model(cfg, "this recipe trains a real vision-language model")
     grpo_ma.validate_config(cfg)  # a bad flag fails before any image is opened
-    device = grpo_ma.pick_device(cfg)
+    grpo_ma.pick_device(cfg)  # and so does --device cuda on a machine without one
     require_vision_model(cfg.model)
     reward_fns = vlm_reward_functions(cfg)
     train_pool, eval_examples = load_splits(args, cfg)
     require_key_steps_for_steprar(cfg, train_pool, args.data)
-    print(f"images: {len(train_pool)} training and {len(eval_examples)} held-out examples")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in float32 uses TF32 tensor cores
-    return grpo_ma_run.train(
-        cfg,
-        train_pool=train_pool,
-        eval_examples=eval_examples,
-        reward_fns=reward_fns,
-        is_correct=answer_matches,
-    )
+    return common.train(cfg, "images", train_pool, eval_examples, reward_fns, answer_matches)
 
 
 if __name__ == "__main__":
