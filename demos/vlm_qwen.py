@@ -52,17 +52,16 @@ Where this recipe chooses (grpo_ma's own departures from the paper are listed in
   warm-up fine-tunes every weight and the adapter is added after it, so the run saves the warmed-up weights
   once in OUT/base, and OUT/final (the adapter) names them as its base.
 
-Memory. Qwen2.5-VL-3B has 3.75B parameters; grpo_ma keeps float32 master weights (15 GB) and computes in
-bfloat16 through autocast on CUDA, because AdamW on bfloat16 weights rounds most small updates away. With LoRA
-only the adapter (rank 64: ~150M parameters) has gradients and two AdamW moments, 16 bytes a parameter, ~2.4
-GB; the KL reference is the same model with the adapter switched off, so it costs no memory (full fine-tuning
-would need ~75 GB: weights, gradients, two moments and a frozen float32 reference). The tree update forwards
-one prompt + thought at a time for its M answers (--micro-batch 1), so activations are one thought's, its
-image tokens included; it cannot use per-layer gradient checkpointing (that drops the KV cache the answers are
-forwarded against). Estimated ~20 GB with activations; nothing here has measured it on a GPU, so treat the
-first GPU run as the test. Every checkpoint holds the whole model state (base weights included, 15 GB) and the
-adapter's AdamW state, and two are kept: ~33 GB of disk (--save-every 100). OUT/final holds the adapter and
-the processor.
+Memory. Qwen2.5-VL-3B has 3.75B parameters. grpo_ma computes in bfloat16 through autocast on CUDA; with LoRA
+the frozen base is stored in bfloat16 (7.5 GB: nothing updates it, so it needs no float32 master copy), and
+only the adapter (rank 64: ~150M parameters) has float32 weights, gradients and two AdamW moments, 16 bytes a
+parameter, ~2.4 GB; the KL reference is the same model with the adapter switched off, so it costs no memory
+(full fine-tuning would need ~75 GB: float32 weights, gradients, two moments and a frozen reference). The
+tree update forwards one prompt + thought at a time for its M answers (--micro-batch 1), so activations are
+one thought's, its image tokens included; it cannot use per-layer gradient checkpointing (that drops the KV
+cache the answers are forwarded against). Estimated ~15 GB with activations; nothing here has measured it on
+a GPU, so treat the first GPU run as the test. Every checkpoint holds the adapter and its AdamW state (~1.8
+GB), not the base, and two are kept (--save-every 100). OUT/final holds the adapter and the processor.
 
 Loading. In transformers 5.24, AutoProcessor.from_pretrained on a stock Qwen2-VL or Qwen2.5-VL checkpoint
 builds its video processor, which needs torchvision (a GPU install of torch has it; a CPU-only one may not).
@@ -240,7 +239,7 @@ GPU_DEFAULTS = dict(
     max_thought_tokens=256,
     max_answer_tokens=16,  # one number in its answer block
     out="runs/vlm_qwen",
-    save_every=100,  # a checkpoint holds the 15 GB of float32 base weights too
+    save_every=100,  # a checkpoint holds the adapter and its AdamW state (~1.8 GB), not the base
     eval_every=50,
     eval_size=100,
 )
