@@ -59,8 +59,8 @@ parameter, ~2.4 GB; the KL reference is the same model with the adapter switched
 (full fine-tuning would need ~75 GB: float32 weights, gradients, two moments and a frozen reference). The
 tree update forwards one prompt + thought at a time for its M answers (--micro-batch 1), so activations are
 one thought's, its image tokens included; it cannot use per-layer gradient checkpointing (that drops the KV
-cache the answers are forwarded against). Estimated ~15 GB with activations; nothing here has measured it on
-a GPU, so treat the first GPU run as the test. Every checkpoint holds the adapter and its AdamW state (~1.8
+cache the answers are forwarded against). The peak has not been measured on a GPU
+here: treat the first GPU run as the test. Every checkpoint holds the adapter and its AdamW state (~1.8
 GB), not the base, and two are kept (--save-every 100). OUT/final holds the adapter and the processor.
 
 Loading. In transformers 5.24, AutoProcessor.from_pretrained on a stock Qwen2-VL or Qwen2.5-VL checkpoint
