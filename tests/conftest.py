@@ -1,23 +1,36 @@
-"""One hypothesis profile for every machine, CI included (a profile that drew fixed examples only in CI would
-hide a property that fails one fresh draw in ten), and fixtures for test modules that train small models.
-A failing draw prints the blob that reproduces it."""
+"""What the test modules share. One hypothesis profile for every machine, CI included (a profile that drew
+fixed examples only in CI would hide a property that fails one fresh draw in ten); a failing draw prints the
+blob that reproduces it. Fixtures for modules that train small models or must stay offline. And the builders
+more than one module uses, kept here once: the char tokenizer and the embedded model, hand-built trees, tiny
+run settings, a reward that varies from the first step, and readers of what a run writes.
 
+Modules import the plain functions by name (`from conftest import ragged_tree`); pytest puts this folder on
+the import path."""
+
+import json
+import random
 import socket
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
+
+import grpo_ma as G
+import grpo_ma_run as R
 
 settings.register_profile("grpo-ma", deadline=None, print_blob=True)
 settings.load_profile("grpo-ma")
 
 
+# ------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for the module (use it with pytest.mark.usefixtures): the tiny models gain nothing
     from more, and on a shared CPU OpenMP threads that wait for each other make every step many times
     slower. OMP_NUM_THREADS tells grpo_ma.train to keep this thread count."""
-    import torch
-
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
@@ -34,3 +47,168 @@ def no_network(monkeypatch):
         raise AssertionError("a test tried to reach the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """grpo_ma's character tokenizer (the embedded default's)."""
+    return G.build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    """The embedded Qwen2 model, randomly initialised from seed 0, in eval mode."""
+    torch.manual_seed(0)
+    return G.build_embedded_model(tokenizer).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# a reward that varies
+# ------------------------------------------------------------------------------------------------
+def answer_length(prompts, thoughts, answers, examples):
+    """A reward that varies from the first step: a tenth of the answer's length in characters. The embedded
+    start policy after a short warm-up scores 0 everywhere on accuracy and format, so with those rewards
+    nothing would learn and two runs would agree trivially."""
+    return [len(answer) / 10 for answer in answers]
+
+
+REWARDS = [(answer_length, 1.0)]
+
+
+# ------------------------------------------------------------------------------------------------
+# hand-built trees (no model needed)
+# ------------------------------------------------------------------------------------------------
+def digit_tree(tokenizer, prompts, k, m, *, seed=0, forced=(), closed=()):
+    """A hand-built tree of random digit tokens (no model needed). Thoughts (p, k) in `forced` were closed
+    by force; those in `closed` end with a </think> they sampled themselves."""
+    rng = random.Random(seed)
+    close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
+
+    def tokens(low, high):
+        return [
+            tokenizer.convert_tokens_to_ids(str(rng.randint(0, 9))) for _ in range(rng.randint(low, high))
+        ]
+
+    prompt_ids = [tokens(3, 5) for _ in range(prompts)]
+    thought_ids = [
+        [tokens(2, 6) + (close if (p, j) in closed else []) for j in range(k)] for p in range(prompts)
+    ]
+    forced_close = [[close if (p, j) in forced else [] for j in range(k)] for p in range(prompts)]
+    answer_ids = [[[tokens(1, 4) for _ in range(m)] for _ in range(k)] for _ in range(prompts)]
+    thoughts = [[""] * k for _ in range(prompts)]
+    answers = [[[""] * m for _ in range(k)] for _ in range(prompts)]
+    return G.Tree(prompt_ids, thought_ids, forced_close, answer_ids, thoughts, answers)
+
+
+def ragged_tree(tokenizer, prompts, k, m, seed=0, prompt_lengths=(2, 6), thought_lengths=(1, 7)):
+    """Random digit tokens with ragged prompts, thoughts and answers (lengths drawn within the bounds given,
+    answers of 1 to 5 tokens); every third thought closed by force, and thought (0, 1) empty (it ended at
+    once and was closed by force)."""
+    rng = random.Random(seed)
+    close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
+
+    def tokens(low, high):
+        return [
+            tokenizer.convert_tokens_to_ids(str(rng.randint(0, 9))) for _ in range(rng.randint(low, high))
+        ]
+
+    prompt_ids = [tokens(*prompt_lengths) for _ in range(prompts)]
+    thought_ids = [[tokens(*thought_lengths) for _ in range(k)] for _ in range(prompts)]
+    thought_ids[0][1] = []
+    forced = [[close if (p * k + j) % 3 == 1 else [] for j in range(k)] for p in range(prompts)]
+    answer_ids = [[[tokens(1, 5) for _ in range(m)] for _ in range(k)] for _ in range(prompts)]
+    thoughts = [[""] * k for _ in range(prompts)]
+    answers = [[[""] * m for _ in range(k)] for _ in range(prompts)]
+    return G.Tree(prompt_ids, thought_ids, forced, answer_ids, thoughts, answers)
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny settings
+# ------------------------------------------------------------------------------------------------
+def tiny_config(out, **changes):
+    """T2A2 on 2 prompts, 5 warm-up steps, 8 held-out prompts: a few seconds on a CPU."""
+    settings = dict(thoughts=2, answers=2, prompts_per_step=2, steps=2, warmup_steps=5, eval_size=8)
+    return R.RunConfig(**(settings | {"out": str(out)} | changes))
+
+
+LEARNING = dict(steps=4, save_every=2, eval_every=3)
+
+
+def config_from_flags(flags):
+    """The RunConfig grpo_ma_run's CLI builds from these flags."""
+    return R.parse_args(flags)
+
+
+def small_config(**changes):
+    """T3A2 on 2 prompts with short budgets, no KL and no warm-up: one step in a second."""
+    settings = dict(thoughts=3, answers=2, prompts_per_step=2, max_thought_tokens=8, max_answer_tokens=5)
+    return G.Config(**(settings | dict(beta=0.0, warmup_steps=0) | changes))
+
+
+def start(cfg):
+    """A fresh run and its AdamW, as train() makes them (without the warm-up)."""
+    run = G.start_run(cfg, reward_fns=[(answer_length, 1.0)])
+    return run, torch.optim.AdamW(run.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# what a run writes
+# ------------------------------------------------------------------------------------------------
+def read_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_checkpoint(folder, name="checkpoint.pt"):
+    return torch.load(folder / name, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(left: dict, right: dict):
+    assert left.keys() == right.keys()
+    for name, tensor in left.items():
+        assert torch.equal(tensor, right[name]), name
+
+
+def assert_trained(folder):
+    """Every step of the run in `folder` had a gradient, and the final weights differ from the start policy
+    (reference.pt)."""
+    assert all(line["grad_norm"] > 0 for line in read_metrics(folder)[1:])
+    final = load_checkpoint(folder)["model"]
+    start = torch.load(folder / "reference.pt", map_location="cpu")
+    assert any(not torch.equal(final[name], start[name]) for name in start)
+
+
+def assert_learned(folder):
+    """The run in `folder` learned: rewards varied, every step had a gradient, and the weights moved away
+    from the start policy (reference.pt)."""
+    lines = read_metrics(folder)[1:]
+    assert lines and all(line["reward_std"] > 0 for line in lines)
+    assert_trained(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# vision-language models
+# ------------------------------------------------------------------------------------------------
+def plain_inputs(model, ids: list[int], vision: dict) -> dict:
+    """One unpadded row as generate() or a training forward gets it from the processor: the model derives
+    its M-RoPE positions from the image-token types itself."""
+    input_ids = torch.tensor([ids])
+    image_tokens = (input_ids == model.config.image_token_id).int()
+    inputs = dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=image_tokens
+    )
+    return inputs | vision
+
+
+def vlm_tree(tokenizer, processor, examples, k=2, m=3, seed=1) -> G.Tree:
+    """A tree on the examples' prompts, with random thoughts and answers of ragged lengths."""
+    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples, processor)
+    rng = random.Random(seed)
+    chars = tokenizer.encode("0123456789+=:;", add_special_tokens=False)
+
+    def tokens(low, high):
+        return [rng.choice(chars) for _ in range(rng.randint(low, high))]
+
+    thoughts = [[tokens(1, 6) for _ in range(k)] for _ in prompt_ids]
+    forced = [[[] for _ in range(k)] for _ in prompt_ids]
+    answers = [[[tokens(1, 4) for _ in range(m)] for _ in range(k)] for _ in prompt_ids]
+    return G.Tree(prompt_ids, thoughts, forced, answers, [], [], [], vision)

@@ -1,10 +1,9 @@
 """GRPO-D's dynamic KL weight and StepGRPO's step-wise rewards: each test name states its property."""
 
-import json
 import random
 
 import pytest
-import torch
+from conftest import answer_length, assert_trained, config_from_flags, read_metrics
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,30 +21,9 @@ betas = st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted)
 schedules = st.builds(dynamic_schedule, betas, st.floats(0.05, 0.95))
 
 
-def answer_length(prompts, thoughts, answers, examples):
-    """A reward that varies from the first step: a tenth of the answer's length in characters."""
-    return [len(answer) / 10 for answer in answers]
-
-
 def tiny_flags(out, *extra):
     flags = ["--thoughts", "2", "--answers", "2", "--prompts-per-step", "2", "--warmup-steps", "5"]
     return [*flags, "--eval-size", "8", "--out", str(out), *extra]
-
-
-def config_from_flags(flags):
-    return R.parse_args(flags)  # the run keeps its checkpoint and start policy, which assert_learned reads
-
-
-def read_metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_learned(folder):
-    """Every step had a gradient, and the final weights differ from the start policy."""
-    assert all(line["grad_norm"] > 0 for line in read_metrics(folder)[1:])
-    final = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
-    start = torch.load(folder / "reference.pt", map_location="cpu")
-    assert any(not torch.equal(final[name], start[name]) for name in start)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +69,7 @@ def test_dynamic_schedule_is_logged_every_step(tmp_path):
     flags = tiny_flags(tmp_path, "--steps", "4", "--kl-schedule", "dynamic", "--beta-min", "0.0")
     cfg = config_from_flags([*flags, "--beta-max", "0.02"])
     R.train(cfg, reward_fns=[(answer_length, 1.0)])
-    assert_learned(tmp_path)
+    assert_trained(tmp_path)
     logged = [line["beta"] for line in read_metrics(tmp_path)[1:]]
     assert logged == [pytest.approx(G.kl_beta(s, 4, cfg)) for s in range(1, 5)]
     assert len(set(logged)) == 4
@@ -178,4 +156,4 @@ def test_step_rewards_train_end_to_end(tmp_path):
     lines = read_metrics(tmp_path)[1:]
     assert all({"reward/steprar", "reward/steprvr"} <= set(line) for line in lines)
     assert all(line["zero_std_thought_frac"] < 1 for line in lines)
-    assert_learned(tmp_path)
+    assert_trained(tmp_path)

@@ -18,6 +18,7 @@ import zlib
 
 import pytest
 import torch
+from conftest import plain_inputs, vlm_tree
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import grpo_ma as G
@@ -59,17 +60,6 @@ def qwen25():
     examples = counting_examples(0, 3)
     assert len({len(e.question) for e in examples}) >= 2
     return model, tokenizer, processor, examples
-
-
-def plain_inputs(model, ids: list[int], vision: dict) -> dict:
-    """One unpadded row as generate() or a training forward gets it from the processor: the model derives
-    its M-RoPE positions from the image-token types itself."""
-    input_ids = torch.tensor([ids])
-    image_tokens = (input_ids == model.config.image_token_id).int()
-    inputs = dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=image_tokens
-    )
-    return inputs | vision
 
 
 def test_the_tiny_config_has_windowed_and_full_attention_vision_blocks(qwen25):
@@ -139,27 +129,12 @@ def test_cached_sampling_equals_plain_generate_with_the_image(qwen25, n, monkeyp
                 )
 
 
-def random_tree(tokenizer, processor, examples, k=2, m=3, seed=1) -> G.Tree:
-    """A tree on the examples' prompts, with random thoughts and answers of ragged lengths."""
-    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples, processor)
-    rng = random.Random(seed)
-    chars = tokenizer.encode("0123456789+=:;", add_special_tokens=False)
-
-    def tokens(low, high):
-        return [rng.choice(chars) for _ in range(rng.randint(low, high))]
-
-    thoughts = [[tokens(1, 6) for _ in range(k)] for _ in prompt_ids]
-    forced = [[[] for _ in range(k)] for _ in prompt_ids]
-    answers = [[[tokens(1, 4) for _ in range(m)] for _ in range(k)] for _ in prompt_ids]
-    return G.Tree(prompt_ids, thoughts, forced, answers, [], [], [], vision)
-
-
 def test_tree_logprobs_and_gradients_equal_plain_forwards_of_every_row(qwen25):
     """The tree forward (each prefix once, its cache repeated for the M answers, answer positions continued
     from the prefix's last M-RoPE position) scores and differentiates exactly as a plain forward of every
     full row, in which the model computes its own positions; the gradient reaches both vision blocks."""
     model, tokenizer, processor, examples = qwen25
-    tree = random_tree(tokenizer, processor, examples)
+    tree = vlm_tree(tokenizer, processor, examples)
     gen = torch.Generator().manual_seed(2)
     slots = tree.thought_slots()
     weights = G.loss_weights(tree, "token")

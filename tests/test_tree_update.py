@@ -1,49 +1,28 @@
-"""The tree update equals the flat one-row-per-answer computation, whatever the micro-batch.
+"""The tree update equals the flat one-row-per-answer computation, whatever the micro-batch: its log-probs,
+its loss and its gradients, for the token and sequence aggregations and for TRL's grpo and dr_grpo at M = 1.
+Also the chunked log-probs against one log softmax, and answers left out of the loss.
 
 The flat reference below is written independently of grpo_ma's tree forward: every answer is its own row
 prompt + thought + forced close + answer, forwarded in full, scored with log_softmax(logits / T) at the next
 token, and the thought tokens are counted in the first answer's row only."""
 
-import random
+from functools import partial
 
 import pytest
 import torch
+from conftest import ragged_tree as ragged_tree_within
 
 import grpo_ma as G
 
 TEMPERATURE = 0.7
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return G.build_char_tokenizer()
+# this module's trees: prompts of 3 to 7 tokens, thoughts of 1 to 6
+ragged_tree = partial(ragged_tree_within, prompt_lengths=(3, 7), thought_lengths=(1, 6))
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
     return G.build_embedded_model(tokenizer)
-
-
-def ragged_tree(tokenizer, prompts: int, k: int, m: int, seed: int = 0) -> G.Tree:
-    """Random digit tokens with ragged prompts, thoughts and answers; every third thought closed by force,
-    one thought empty (it ended at once and was closed by force)."""
-    rng = random.Random(seed)
-    close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
-
-    def tokens(low, high):
-        return [
-            tokenizer.convert_tokens_to_ids(str(rng.randint(0, 9))) for _ in range(rng.randint(low, high))
-        ]
-
-    prompt_ids = [tokens(3, 7) for _ in range(prompts)]
-    thought_ids = [[tokens(1, 6) for _ in range(k)] for _ in range(prompts)]
-    thought_ids[0][1] = []
-    forced = [[close if (p * k + j) % 3 == 1 else [] for j in range(k)] for p in range(prompts)]
-    answer_ids = [[[tokens(1, 5) for _ in range(m)] for _ in range(k)] for _ in range(prompts)]
-    thoughts = [[""] * k for _ in range(prompts)]
-    answers = [[[""] * m for _ in range(k)] for _ in range(prompts)]
-    return G.Tree(prompt_ids, thought_ids, forced, answer_ids, thoughts, answers)
 
 
 def flat_loss(model, tree, thought_adv, answer_adv, how):

@@ -1,12 +1,14 @@
 """A vision-language policy through the same tree: a tiny Qwen2-VL (built from a config, as the counting demo
 builds it) samples with the shared-prefix cache exactly as plain generate() does with the image, and the tree
 forward's log-probs and gradients equal a plain forward of every full row, in which the model computes its
-own 3-D rotary positions (M-RoPE). Prompts differ in length, so rows are padded differently."""
+own 3-D rotary positions (M-RoPE). Prompts differ in length, so rows are padded differently. Qwen2.5-VL,
+whose vision tower attends within windows, is checked in test_qwen2_5_vl.py."""
 
 import random
 
 import pytest
 import torch
+from conftest import plain_inputs, vlm_tree
 
 import grpo_ma as G
 from demos import counting_vlm as C
@@ -28,17 +30,6 @@ def vlm():
         fields.pop("description")
         examples.append(G.Example(**fields))
     return model, tokenizer, processor, examples[-3:]
-
-
-def plain_inputs(model, tokenizer, ids: list[int], vision: dict) -> dict:
-    """One unpadded row as generate() or a training forward gets it from the processor: the model derives
-    its M-RoPE positions from the image-token types itself."""
-    input_ids = torch.tensor([ids])
-    image_tokens = (input_ids == model.config.image_token_id).int()
-    inputs = dict(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=image_tokens
-    )
-    return inputs | vision
 
 
 def test_prompts_hold_their_image_tokens_and_pixels(vlm):
@@ -74,7 +65,7 @@ def test_cached_sampling_equals_plain_generate_with_the_image(vlm, n, monkeypatc
         recorded.clear()
         got = G.sample_continuations(model, tokenizer, rows, n, 12, G.ANSWER_CLOSE, G.Config(), False, vision)
         for i, (ids, inputs) in enumerate(zip(rows, vision)):
-            plain = plain_inputs(model, tokenizer, ids, inputs)
+            plain = plain_inputs(model, ids, inputs)
             out = real_generate(
                 **plain, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
             )
@@ -85,21 +76,6 @@ def test_cached_sampling_equals_plain_generate_with_the_image(vlm, n, monkeypatc
                 torch.testing.assert_close(
                     recorded[0][i * n + j, :steps], torch.cat(out.logits), rtol=1e-4, atol=1e-4
                 )
-
-
-def vlm_tree(tokenizer, processor, examples, k=2, m=3, seed=1) -> G.Tree:
-    """A tree on the examples' prompts, with random thoughts and answers of ragged lengths."""
-    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples, processor)
-    rng = random.Random(seed)
-    chars = tokenizer.encode("0123456789+=:;", add_special_tokens=False)
-
-    def tokens(low, high):
-        return [rng.choice(chars) for _ in range(rng.randint(low, high))]
-
-    thoughts = [[tokens(1, 6) for _ in range(k)] for _ in prompt_ids]
-    forced = [[[] for _ in range(k)] for _ in prompt_ids]
-    answers = [[[tokens(1, 4) for _ in range(m)] for _ in range(k)] for _ in prompt_ids]
-    return G.Tree(prompt_ids, thoughts, forced, answers, [], [], [], vision)
 
 
 def test_tree_logprobs_and_gradients_equal_plain_forwards_of_every_row(vlm):
@@ -121,7 +97,7 @@ def test_tree_logprobs_and_gradients_equal_plain_forwards_of_every_row(vlm):
     for p, k in slots:
         for m, answer in enumerate(tree.answer_ids[p][k]):
             context = tree.prefix(p, k)
-            inputs = plain_inputs(model, tokenizer, context + answer, tree.vision[p])
+            inputs = plain_inputs(model, context + answer, tree.vision[p])
             logps = torch.log_softmax(model(**inputs).logits[0, :-1].float(), -1)
             targets = torch.tensor(context + answer)[1:]
             row = logps.gather(-1, targets[:, None]).squeeze(-1)  # row[j] scores token j + 1

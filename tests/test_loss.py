@@ -1,15 +1,20 @@
-"""The loss's pieces against values computed here: log-probs, the k3 KL, beta, the clipped surrogate, the
-loss weights of both aggregations, the advantage each token carries, and the gradient spike score.
+"""The loss of a step, piece by piece, against values computed here: the log-probs it scores (log softmax of
+the logits over the temperature, at the next token), the k3 KL and beta, the clipped surrogate and its clip
+counts, the loss weights of every aggregation over the whole step whatever the micro-batch, the advantage each
+token carries, a forced </think> that is context and never trained, the loss at M = 1 that is GRPO's, and a
+thought's gradient that does not grow with M.
 
 Each test states a property of what is right, with numbers written out or computed independently here, so a
 one-line slip in grpo_ma (a missing temperature, a shifted target, a flipped sign, swapped clip bounds, a
-weight normalised per micro-batch, a window off by one) turns it red."""
+weight normalised per micro-batch) turns it red. The whole tree update against the flat one-row-per-answer
+computation is in test_tree_update.py."""
 
 import math
 import random
 
 import pytest
 import torch
+from conftest import digit_tree, ragged_tree
 
 import grpo_ma as G
 
@@ -18,34 +23,9 @@ TEMPERATURE = 1.7
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return G.build_char_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(1)
     return G.build_embedded_model(tokenizer).eval()
-
-
-def ragged_tree(tokenizer, prompts, k, m, seed=0):
-    """Random digit tokens, ragged lengths; every third thought closed by force; thought (0, 1) empty."""
-    rng = random.Random(seed)
-    close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
-
-    def tokens(low, high):
-        return [
-            tokenizer.convert_tokens_to_ids(str(rng.randint(0, 9))) for _ in range(rng.randint(low, high))
-        ]
-
-    prompt_ids = [tokens(2, 6) for _ in range(prompts)]
-    thought_ids = [[tokens(1, 7) for _ in range(k)] for _ in range(prompts)]
-    thought_ids[0][1] = []
-    forced = [[close if (p * k + j) % 3 == 1 else [] for j in range(k)] for p in range(prompts)]
-    answer_ids = [[[tokens(1, 5) for _ in range(m)] for _ in range(k)] for _ in range(prompts)]
-    thoughts = [[""] * k for _ in range(prompts)]
-    answers = [[[""] * m for _ in range(k)] for _ in range(prompts)]
-    return G.Tree(prompt_ids, thought_ids, forced, answer_ids, thoughts, answers)
 
 
 def whole_batch(tree, thought_adv, answer_adv, how="token"):
@@ -114,6 +94,18 @@ def test_k3_kl_averaged_over_the_policy_is_the_kl_from_policy_to_reference():
     assert (G.k3_kl(policy.log(), reference.log()) >= 0).all()
 
 
+def test_kl_is_zero_when_policy_equals_reference(tokenizer, tiny_model):
+    tree = digit_tree(tokenizer, 2, 2, 2, seed=5)
+    zeros = torch.zeros(2, 2, 2)
+    weights = G.loss_weights(tree, "token")
+    batch = G.build_tree_batch(tree, tree.thought_slots(), zeros[..., 0], zeros, weights, 0, "cpu")
+    with torch.no_grad():
+        logps = G.tree_logprobs(tiny_model, batch, 1.0)
+    assert torch.equal(G.k3_kl(logps, logps.clone()), torch.zeros_like(logps))
+    moved = logps + 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(0))
+    assert (G.k3_kl(logps, moved) > 0).all()  # and positive otherwise
+
+
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_loss_kl_term_is_beta_times_the_weighted_kl(bias_correction):
     gen = torch.Generator().manual_seed(2)
@@ -144,8 +136,39 @@ def test_loss_without_reference_has_no_kl_term():
 
 
 # ------------------------------------------------------------------------------------------------
-# the clipped surrogate, with eps_low = 0.1 and eps_high = 0.3: the ratio is kept within [0.9, 1.3]
+# the clipped surrogate
 # ------------------------------------------------------------------------------------------------
+def test_on_policy_ratio_is_exactly_one():
+    logps = torch.randn(28, requires_grad=True)
+    advantages = torch.randn(28)
+    ratio = torch.exp(logps - logps.detach())
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    per_token = G.clipped_surrogate(logps, logps.detach(), advantages, 0.2, 0.2)
+    assert torch.equal(per_token, -advantages)
+    per_token.sum().backward()
+    assert torch.equal(logps.grad, -advantages)  # the policy gradient: d(-rho A)/d logp = -A at rho = 1
+
+
+def test_clipping_stops_the_gradient_only_beyond_the_trust_region():
+    old = torch.zeros(4)
+    logps = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])).requires_grad_()  # ratio 1.5, 0.5, 1.5, 0.5
+    advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    G.clipped_surrogate(logps, old, advantages, 0.2, 0.2).sum().backward()
+    # ratio above 1+eps with A>0 and below 1-eps with A<0: clipped, no gradient
+    assert logps.grad[0] == 0 and logps.grad[1] == 0
+    # moving the wrong way is never clipped: the gradient still pulls back
+    assert logps.grad[2] != 0 and logps.grad[3] != 0
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    old, advantages = torch.zeros(2), torch.tensor([1.0, -1.0])
+    logps = torch.log(torch.tensor([1.25, 0.75])).requires_grad_()
+    G.clipped_surrogate(logps, old, advantages, 0.2, 0.28).sum().backward()
+    assert logps.grad[0] != 0  # 1.25 < 1.28: still inside with clip-higher
+    assert logps.grad[1] == 0  # 0.75 < 0.8: the lower bound did not move
+
+
+# written out with eps_low = 0.1 and eps_high = 0.3: the ratio is kept within [0.9, 1.3]
 SURROGATE = [  # (ratio, advantage, -min(ratio * A, clip(ratio, 0.9, 1.3) * A), outside, clip binds)
     (1.5, 1.0, -1.3, True, True),
     (1.2, 1.0, -1.2, False, False),  # above 1 + eps_low, still inside 1 + eps_high
@@ -303,6 +326,9 @@ def test_masked_answers_leave_the_mean_of_answer_means(tokenizer):
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+# ------------------------------------------------------------------------------------------------
+# which tokens are trained, and on which advantage
+# ------------------------------------------------------------------------------------------------
 def test_thought_tokens_carry_the_thought_advantage_and_answer_tokens_their_own(tokenizer):
     tree = ragged_tree(tokenizer, 2, 3, 2, seed=6)
     thought_adv = torch.tensor([[10.0 * p + k for k in range(3)] for p in range(2)])
@@ -319,18 +345,93 @@ def test_thought_tokens_carry_the_thought_advantage_and_answer_tokens_their_own(
     assert batch.advantages.tolist() == expected
 
 
+def test_forced_think_close_is_context_not_trained(tokenizer, tiny_model):
+    close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
+    forced, closed = {(0, 0), (1, 1)}, {(0, 1)}
+    tree = digit_tree(tokenizer, 2, 2, 2, forced=forced, closed=closed)
+    ones = torch.ones(2, 2, 2)
+    weights = G.loss_weights(tree, "token")
+    slots = tree.thought_slots()
+    batch = G.build_tree_batch(tree, slots, ones[..., 0], ones, weights, tokenizer.pad_token_id, "cpu")
+    # the counted prefix tokens are exactly the sampled thoughts, a sampled </think> included
+    counted = [batch.prefix_ids[row][batch.thought_mask[row]].tolist() for row in range(len(slots))]
+    assert counted == [tree.thought_ids[p][k] for p, k in slots]
+    for row, (p, k) in enumerate(slots):
+        if (p, k) in forced:  # the appended marker ends the row and is never counted
+            assert batch.prefix_ids[row, -len(close) :].tolist() == close
+            assert not batch.thought_mask[row, -len(close) :].any()
+    answer_tokens = sum(len(tree.answer_ids[p][k][m]) for p, k, m in tree.answer_slots())
+    thought_tokens = sum(len(tree.thought_ids[p][k]) for p, k in slots)
+    assert len(batch.advantages) == len(batch.weights) == thought_tokens + answer_tokens
+    with torch.no_grad():
+        assert len(G.tree_logprobs(tiny_model, batch, 1.0)) == thought_tokens + answer_tokens
+
+
 # ------------------------------------------------------------------------------------------------
-# the gradient spike score
+# the loss at M = 1, and as M grows
 # ------------------------------------------------------------------------------------------------
-def test_gradient_spike_score_divides_by_the_mean_of_the_previous_window():
-    state = G.Progress()
-    assert state.gradient_spike_score(0.0, 3) is None  # no gradient has flowed yet
-    assert state.gradient_spike_score(100.0, 3) is None  # the previous mean is 0
-    scores = [state.gradient_spike_score(norm, 3) for norm in (1.0, 2.0, 3.0, 6.0, 66.0)]
-    # the previous (up to) three norms: (0, 100), (0, 100, 1), (100, 1, 2), (1, 2, 3), (2, 3, 6)
-    assert scores[0] == pytest.approx(1.0 / 50)
-    assert scores[1] == pytest.approx(2.0 / (101 / 3))
-    assert scores[2] == pytest.approx(3.0 / (103 / 3))
-    assert scores[3] == pytest.approx(6.0 / 2.0)
-    assert scores[4] == pytest.approx(66.0 / (11 / 3))
-    assert state.gss_over_10 == 1  # only the last one exceeds 10
+def test_m1_token_mean_loss_equals_grpo_token_mean(tokenizer):
+    """With M = 1, the tree loss is GRPO's: each completion (thought + answer) carries its own GRPO advantage,
+    and the clipped surrogate is averaged over every completion token of the step."""
+    k = 4
+    tree = digit_tree(tokenizer, 2, k, 1)
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.rand(2, k, 1, generator=gen)
+    thought_adv, answer_adv = G.ma_advantages(rewards)
+    weights = G.loss_weights(tree, "token")
+    slots = tree.thought_slots()
+    batch = G.build_tree_batch(tree, slots, thought_adv, answer_adv, weights, tokenizer.pad_token_id, "cpu")
+    count = len(batch.advantages)
+    logps, old_logps = -torch.rand(count, generator=gen), -torch.rand(count, generator=gen)
+    loss, _ = G.grpo_ma_loss(logps, old_logps, None, batch.advantages, batch.weights, 0.0, G.Config(beta=0.0))
+
+    flat = rewards[..., 0].double()
+    grpo = (flat - flat.mean(-1, keepdim=True)) / (flat.std(-1, keepdim=True) + 1e-4)
+    # the tokens in TreeBatch order: every thought's tokens row by row, then every answer's
+    thought_lengths = [len(tree.thought_ids[p][j]) for p, j in slots]
+    answer_lengths = [len(tree.answer_ids[p][j][0]) for p, j in slots]
+    thought_starts = [sum(thought_lengths[:c]) for c in range(len(slots))]
+    answer_starts = [sum(thought_lengths) + sum(answer_lengths[:c]) for c in range(len(slots))]
+    total, tokens = 0.0, 0
+    for c, (p, j) in enumerate(slots):
+        positions = list(range(thought_starts[c], thought_starts[c] + thought_lengths[c]))
+        positions += range(answer_starts[c], answer_starts[c] + answer_lengths[c])
+        for t in positions:
+            ratio = torch.exp(logps[t] - old_logps[t]).double()
+            a = grpo[p, j]
+            total += -torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a)
+            tokens += 1
+    assert tokens == count
+    torch.testing.assert_close(loss.double(), total / tokens, rtol=1e-5, atol=1e-6)
+
+
+def thought_only_gradient(tokenizer, model, m, how):
+    """Gradient norm of the loss when only thoughts carry advantage; the same thoughts for any M."""
+    k = 2
+    base = digit_tree(tokenizer, 2, k, 1, seed=3)
+    answer_ids = [[[by_k[0]] * m for by_k in by_p] for by_p in base.answer_ids]
+    answers = [[[""] * m for _ in range(k)] for _ in range(2)]
+    tree = G.Tree(base.prompt_ids, base.thought_ids, base.forced_close, answer_ids, base.thoughts, answers)
+    thought_adv, answer_adv = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]), torch.zeros(2, k, m)
+    weights = G.loss_weights(tree, how)
+    slots = tree.thought_slots()
+    batch = G.build_tree_batch(tree, slots, thought_adv, answer_adv, weights, tokenizer.pad_token_id, "cpu")
+    logps = G.tree_logprobs(model, batch, 1.0)
+    cfg = G.Config(loss_agg=how, beta=0.0)
+    loss, _ = G.grpo_ma_loss(logps, logps.detach(), None, batch.advantages, batch.weights, 0.0, cfg)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
+    model.zero_grad(set_to_none=True)
+    return norm, batch
+
+
+def test_thought_gradient_does_not_grow_with_m(tokenizer, tiny_model):
+    norm_1, batch_1 = thought_only_gradient(tokenizer, tiny_model, 1, "sequence")
+    norm_8, batch_8 = thought_only_gradient(tokenizer, tiny_model, 8, "sequence")
+    assert batch_1.thought_mask.sum() == batch_8.thought_mask.sum()  # each thought's tokens counted once
+    assert norm_1 > 0
+    torch.testing.assert_close(norm_8, norm_1, rtol=1e-4, atol=1e-6)
+    token_1, _ = thought_only_gradient(tokenizer, tiny_model, 1, "token")
+    token_8, _ = thought_only_gradient(tokenizer, tiny_model, 8, "token")
+    assert 0 < token_8 <= token_1 * (1 + 1e-5)

@@ -1,8 +1,9 @@
-"""One training step and the supervised warm-up, checked against computations written here: the advantages a
-step trains on, that it steps at all, that micro-batches change nothing, that later iterations compare with
-the sampling policy, that the warm-up learns the solution tokens only, and that a checkpoint restores the
-optimizer. Steps sample from the randomly initialised embedded model, whose answers vary in length, so the
-reward `answer_length` varies and every step has a gradient."""
+"""One training step, the supervised warm-up and evaluation, checked against computations written here: the
+advantages a step trains on, that it steps at all, that micro-batches change nothing, that later iterations
+compare with the sampling policy (in float32 and under bf16 autocast), the KL against a reference, masked
+answers, the gradient spike score, that the warm-up learns the solution tokens only, and that greedy and
+sampled evaluation score what they say. Steps sample from the randomly initialised embedded model, whose
+answers vary in length, so the reward `answer_length` varies and every step has a gradient."""
 
 import copy
 import random
@@ -10,28 +11,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import small_config, start
 
 import grpo_ma as G
-import grpo_ma_run as R
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EPS = 1e-4
-
-
-def answer_length(prompts, thoughts, answers, examples):
-    """A tenth of the answer's length in characters."""
-    return [len(answer) / 10 for answer in answers]
-
-
-def small_config(**changes):
-    settings = dict(thoughts=3, answers=2, prompts_per_step=2, max_thought_tokens=8, max_answer_tokens=5)
-    return G.Config(**(settings | dict(beta=0.0, warmup_steps=0) | changes))
-
-
-def start(cfg):
-    """A fresh run and its AdamW, as train() makes them (without the warm-up)."""
-    run = G.start_run(cfg, reward_fns=[(answer_length, 1.0)])
-    return run, torch.optim.AdamW(run.policy.parameters(), lr=cfg.lr, weight_decay=0.0)
 
 
 def weights(model):
@@ -228,6 +213,23 @@ def test_masked_step_gives_answers_that_ran_out_of_budget_no_weight(monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------------
+# the gradient spike score
+# ------------------------------------------------------------------------------------------------
+def test_gradient_spike_score_divides_by_the_mean_of_the_previous_window():
+    state = G.Progress()
+    assert state.gradient_spike_score(0.0, 3) is None  # no gradient has flowed yet
+    assert state.gradient_spike_score(100.0, 3) is None  # the previous mean is 0
+    scores = [state.gradient_spike_score(norm, 3) for norm in (1.0, 2.0, 3.0, 6.0, 66.0)]
+    # the previous (up to) three norms: (0, 100), (0, 100, 1), (100, 1, 2), (1, 2, 3), (2, 3, 6)
+    assert scores[0] == pytest.approx(1.0 / 50)
+    assert scores[1] == pytest.approx(2.0 / (101 / 3))
+    assert scores[2] == pytest.approx(3.0 / (103 / 3))
+    assert scores[3] == pytest.approx(6.0 / 2.0)
+    assert scores[4] == pytest.approx(66.0 / (11 / 3))
+    assert state.gss_over_10 == 1  # only the last one exceeds 10
+
+
+# ------------------------------------------------------------------------------------------------
 # the supervised warm-up
 # ------------------------------------------------------------------------------------------------
 def test_warm_up_descends_the_cross_entropy_of_the_solution_tokens_only():
@@ -264,35 +266,6 @@ def test_warm_up_descends_the_cross_entropy_of_the_solution_tokens_only():
         clear += strong.sum().item()
     assert clear > 10_000
     assert agree / clear > 0.995
-
-
-# ------------------------------------------------------------------------------------------------
-# checkpoints
-# ------------------------------------------------------------------------------------------------
-def test_restore_puts_back_weights_optimizer_moments_data_stream_and_rngs(tmp_path):
-    cfg = small_config(lr=1e-3)
-    run, optimizer = start(cfg)
-    state = G.Progress()
-    G.train_step(1, run, optimizer, state, None, cfg)
-    state.step = 1
-    R.save_checkpoint(tmp_path, run, optimizer, state, cfg)
-    rng = torch.get_rng_state()
-    data = run.data_rng.getstate()
-
-    other, other_optimizer = start(small_config(lr=1e-3, seed=1))  # another start: restore must overwrite it
-    torch.manual_seed(123)
-    payload = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
-    restored = R.restore(payload, other, other_optimizer, cfg)
-    assert restored == state
-    for name, value in run.policy.state_dict().items():
-        assert torch.equal(other.policy.state_dict()[name], value), name
-    mine, theirs = optimizer.state_dict(), other_optimizer.state_dict()
-    assert mine["state"].keys() == theirs["state"].keys() and len(mine["state"]) > 0
-    for index, moments in mine["state"].items():
-        for key, value in moments.items():
-            assert torch.equal(theirs["state"][index][key], value), (index, key)
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert other.data_rng.getstate() == data
 
 
 # ------------------------------------------------------------------------------------------------
