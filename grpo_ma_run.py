@@ -381,13 +381,6 @@ def log_step(path: Path, record: dict, reporter) -> None:
         reporter.log(values, step=record["step"])
 
 
-def close_reporter(reporter) -> None:
-    if hasattr(reporter, "close"):  # tensorboard
-        reporter.close()
-    elif reporter is not None:  # wandb
-        reporter.finish()
-
-
 def train(
     cfg: RunConfig,
     train_pool: Sequence[G.Example] | None = None,
@@ -406,10 +399,14 @@ def train(
     model = str(out / G.BASE) if cfg.resume and G.saves_base(cfg) else cfg.model
     base_cfg = dataclasses.replace(cfg, model=model)
     run = G.start_run(base_cfg, train_pool, eval_examples, reward_fns, is_correct)
-    with owned_folder(cfg, out):
-        if rank_and_count()[1] > 1:
-            dist.barrier()  # rank 0 owns the folder before any process goes on
-        return run_in_folder(cfg, run, out)
+    try:
+        with owned_folder(cfg, out):
+            if rank_and_count()[1] > 1:
+                dist.barrier()  # rank 0 owns the folder before any process goes on
+            return run_in_folder(cfg, run, out)
+    finally:
+        if dist.is_initialized():  # a gloo group left open can abort its process at exit
+            dist.destroy_process_group()
 
 
 def run_in_folder(cfg: RunConfig, run: G.Run, out: Path) -> dict:
@@ -481,7 +478,10 @@ def run_in_folder(cfg: RunConfig, run: G.Run, out: Path) -> dict:
     progress.wall_seconds += time.time() - started  # every part of a resumed run
     if rank > 0:
         return G.summarise(cfg, progress, run.device, count)
-    close_reporter(reporter)
+    if hasattr(reporter, "close"):  # tensorboard
+        reporter.close()
+    elif reporter is not None:  # wandb
+        reporter.finish()
     return G.finish(run, cfg, progress, out, count)
 
 

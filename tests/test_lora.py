@@ -3,6 +3,8 @@ holds the adapter and its optimizer state (the frozen base is saved once), OUT/f
 a resume on another base is refused, the clipped and logged gradient is the adapters' alone, and a resumed
 LoRA run ends bit-exact. A vision-language model's LoRA run is checked in test_qwen2_5_vl.py."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import REWARDS, answer_length, read_metrics
@@ -110,3 +112,44 @@ def test_lora_run_resumed_from_a_checkpoint_ends_bit_exact(tmp_path):
         assert torch.equal(tensor, parts["model"][name]), name
     for slot, moments in straight["optimizer"]["state"].items():
         assert torch.equal(moments["exp_avg"], parts["optimizer"]["state"][slot]["exp_avg"])
+
+
+def test_adapters_scale_their_update_by_alpha_over_rank():
+    """A LoRA layer adds (alpha / r) * B A x to its base output: with B and A set by hand, the layer's output
+    minus the adapter-off output is exactly that product, here at alpha / r = 24 / 4 = 6."""
+    cfg = G.Config(lora_rank=4, lora_alpha=24, device="cpu")
+    tokenizer = G.build_char_tokenizer()
+    torch.manual_seed(0)
+    model = G.add_lora(G.build_embedded_model(tokenizer), cfg)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight  # (r, in), (out, r)
+    with torch.no_grad():
+        a.copy_(torch.randn_like(a))
+        b.copy_(torch.randn_like(b))
+        x = torch.randn(3, a.shape[1])
+        with model.disable_adapter():
+            base = layer(x)
+        torch.testing.assert_close(layer(x) - base, 6.0 * x @ a.T @ b.T, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_base_is_stored_in_bf16_where_forwards_run_in_bf16(tmp_path):
+    """--precision bf16 (CUDA's default): nothing updates the frozen base, so it is held in bf16, half the
+    memory; the adapters and their AdamW moments stay float32, and the step still trains them."""
+    cfg = G.Config(
+        thoughts=2, answers=2, prompts_per_step=2, steps=1, warmup_steps=3, eval_size=4, device="cpu"
+    )
+    cfg = dataclasses.replace(cfg, precision="bf16", lora_rank=4, out=str(tmp_path))
+    run = G.start_run(cfg, reward_fns=REWARDS)
+    G.add_adapters(run, cfg, tmp_path)
+    base = {name: p for name, p in run.policy.named_parameters() if not p.requires_grad}
+    adapters = {name: p for name, p in run.policy.named_parameters() if p.requires_grad}
+    assert base and all(p.dtype == torch.bfloat16 for p in base.values())
+    assert adapters and all(p.dtype == torch.float32 and "lora_" in name for name, p in adapters.items())
+    before = {name: p.detach().clone() for name, p in adapters.items()}
+    optimizer = torch.optim.AdamW(adapters.values(), lr=1e-2)
+    record = G.train_step(1, run, optimizer, G.Progress(), run.policy, cfg)
+    assert record["grad_norm"] > 0 and record["kl"] is not None
+    assert any(not torch.equal(before[name], p) for name, p in adapters.items())
+    assert all(
+        m.dtype == torch.float32 for state in optimizer.state.values() for m in state.values() if m.dim()
+    )

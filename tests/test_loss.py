@@ -326,6 +326,41 @@ def test_masked_answers_leave_the_mean_of_answer_means(tokenizer):
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+def test_masked_answers_leave_their_paths_out_of_the_grpo_mean(tokenizer):
+    """grpo with --mask-truncated: a masked answer's path weighs nothing, the N in 1 / (N * length) counts
+    only the paths kept, and the thought still carries 1 / M of each of its kept paths' weight."""
+    tree = ragged_tree(tokenizer, 2, 3, 2, seed=8)
+    thoughts, answers = per_token_values(tree)
+    kept = [(p, k, m) for p, k, m in tree.answer_slots() if COUNTED[p][k][m]]
+    expected = 0.0
+    for p, k, m in kept:
+        length = len(thoughts[p][k]) + len(answers[p][k][m])
+        expected += (sum(answers[p][k][m]) + sum(thoughts[p][k]) / 2) / (len(kept) * length)
+    got = weighted_sum(tree, "grpo", thoughts, answers, 0, counted=COUNTED)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_kl_term_gradient_is_the_derivative_of_its_estimator(bias_correction):
+    """d/dlogp of beta * KL_t, KL_t = exp(d) - d - 1 with d = ref - logp: beta * (1 - exp(d)); times the
+    ratio rho = exp(logp - old) with the bias correction, whose product rule adds beta * rho * KL_t. (Zero
+    advantages leave the surrogate without gradient.)"""
+    cfg = G.Config(kl_bias_correction=bias_correction)
+    logps = torch.tensor([-1.0, -2.0, -0.5, -3.0], requires_grad=True)
+    old = torch.tensor([-1.2, -1.5, -0.5, -2.0])
+    ref = torch.tensor([-0.7, -2.5, -1.0, -3.0])
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    loss, _ = G.grpo_ma_loss(logps, old, ref, torch.zeros(4), weights, 0.5, cfg)
+    loss.backward()
+    d = ref - logps.detach()
+    kl = torch.exp(d) - d - 1
+    expected = 0.5 * (1 - torch.exp(d))
+    if bias_correction:
+        rho = torch.exp(logps.detach() - old)
+        expected = rho * expected + 0.5 * rho * kl
+    torch.testing.assert_close(logps.grad, weights * expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # which tokens are trained, and on which advantage
 # ------------------------------------------------------------------------------------------------

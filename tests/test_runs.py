@@ -11,6 +11,7 @@ and read back for real; wandb is not installed here, so a stand-in module record
 checks it stays offline). The DDP test runs two real processes; each grows the trees of its own prompt, and
 their averaged gradient must equal the gradient one process computes over both prompts' trees."""
 
+import dataclasses
 import importlib.machinery
 import io
 import json
@@ -27,6 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import (
     LEARNING,
     REWARDS,
@@ -871,77 +873,126 @@ def test_no_reporter_imports_nothing(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 DDP_STEP = """
 import sys, torch, torch.distributed as dist
-import grpo_ma as G
 sys.path.insert(0, sys.argv[2])
-from test_runs import fixed_step_gradient
+from test_runs import step_through_train_step
 dist.init_process_group("gloo")
-grads = fixed_step_gradient(distributed=True)
+result = step_through_train_step(distributed=True)
 if dist.get_rank() == 0:
-    torch.save(grads, sys.argv[1])
+    torch.save(result, sys.argv[1])
 dist.destroy_process_group()
 """
 
 
-def fixed_step_gradient(distributed: bool) -> dict:
-    """The gradient of one update on fixed rollouts: 2 prompts, T2A2, micro-batch 1. With `distributed`,
-    this process takes its rank's prompt and the update goes through DistributedDataParallel."""
-    tokenizer = G.build_char_tokenizer()
-    torch.manual_seed(0)
-    policy = G.build_embedded_model(tokenizer)
-    rng = random.Random(0)
+def fixed_tree(model, tokenizer, prompt_ids, k, m, cfg, do_sample=True, vision=None) -> G.Tree:
+    """In place of sampling: thoughts and answers of digits drawn from each prompt's own tokens, so a prompt
+    grows the same tree in whichever process takes it."""
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    grown = []
+    for ids in prompt_ids:
+        rng = random.Random(sum(ids) * 31 + len(ids))
+        thoughts = [[rng.choice(digits) for _ in range(rng.randint(1, 5))] for _ in range(k)]
+        answers = [
+            [[rng.choice(digits) for _ in range(rng.randint(1, 4))] for _ in range(m)] for _ in range(k)
+        ]
+        grown.append((thoughts, answers))
+    thought_ids = [thoughts for thoughts, _ in grown]
+    answer_ids = [answers for _, answers in grown]
+    forced = [[[] for _ in range(k)] for _ in prompt_ids]
+    thoughts = [[tokenizer.decode(t) for t in by_p] for by_p in thought_ids]
+    answers = [[[tokenizer.decode(a) for a in by_k] for by_k in by_p] for by_p in answer_ids]
+    ended = [[["budget"] * m for _ in range(k)] for _ in prompt_ids]
+    return G.Tree(prompt_ids, thought_ids, forced, answer_ids, thoughts, answers, ended)
 
-    def tokens(n):
-        return [tokenizer.convert_tokens_to_ids(str(rng.randint(0, 9))) for _ in range(n)]
 
-    prompts = [tokens(4), tokens(6)]
-    thoughts = [[tokens(3), tokens(5)], [tokens(2), tokens(4)]]
-    answers = [
-        [[tokens(2), tokens(3)], [tokens(1), tokens(4)]],
-        [[tokens(3), tokens(2)], [tokens(2), tokens(2)]],
-    ]
-    forced = [[[], []], [[], []]]
-    thought_adv = torch.tensor([[1.0, -1.0], [0.5, -0.5]])
-    answer_adv = torch.tensor([[[1.0, -1.0], [0.3, -0.3]], [[-1.0, 1.0], [0.7, -0.7]]])
-    keep = [0, 1]
+def step_through_train_step(distributed: bool) -> dict:
+    """One grpo_ma.train_step on 2 prompts (T2A2, micro-batch 1, fixed trees, rewards that vary): in one
+    process over both prompts, or, with `distributed`, in this process of two over its share, its forward in
+    DistributedDataParallel and its counts summed as grpo_ma_run hands them in. Returns the gradient and the
+    step's metrics."""
+    G.sample_tree = fixed_tree
+    cfg = G.Config(thoughts=2, answers=2, prompts_per_step=2, warmup_steps=0, micro_batch=1, beta=0.0)
+    cfg = dataclasses.replace(cfg, temperature=0.7, grad_clip=1e9, device="cpu")
+    run = G.start_run(cfg, reward_fns=REWARDS)
+    processes = G.Processes()
     if distributed:
-        keep = [torch.distributed.get_rank()]
-    tree = G.Tree(*[[rows[p] for p in keep] for rows in (prompts, thoughts, forced, answers)], [], [])
-    thought_adv = thought_adv[keep]
-    answer_adv = answer_adv[keep]
-    forward = G.TreeForward(policy)
-    if distributed:
-        forward = torch.nn.parallel.DistributedDataParallel(forward)
-    processes = torch.distributed.get_world_size() if distributed else 1
-    total = R.sum_over_processes if distributed else None  # the normaliser counts both processes' trees
-    weights = G.loss_weights(tree, "token", total=total)
-    cfg = G.Config(beta=0.0, temperature=0.7)
-    for slots in G.group_rows(tree.thought_slots(), 1):
-        batch = G.build_tree_batch(
-            tree, slots, thought_adv, answer_adv, weights, tokenizer.pad_token_id, "cpu"
-        )
-        logps = forward(batch, cfg.temperature)
-        loss, _ = G.grpo_ma_loss(logps, logps.detach(), None, batch.advantages, batch.weights, 0.0, cfg)
-        (loss * processes).backward()
-    return {name: p.grad.clone() for name, p in policy.named_parameters()}
+        processes = G.Processes(dist.get_rank(), dist.get_world_size(), R.sum_over_processes)
+        run.forward = torch.nn.parallel.DistributedDataParallel(run.forward)
+    optimizer = torch.optim.SGD(run.policy.parameters(), lr=0.0)
+    record = G.train_step(1, run, optimizer, G.Progress(), None, cfg, processes)
+    grads = {name: p.grad.clone() for name, p in run.policy.named_parameters()}
+    return {"grads": grads, "record": {k: v for k, v in record.items() if not k.endswith("seconds")}}
 
 
-def test_two_gloo_processes_make_the_update_of_one_process_over_both_trees(tmp_path):
+def torchrun(script: Path, *args, timeout=300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *args]
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=environment)
+
+
+def test_train_step_in_two_processes_is_one_process_over_both_trees(tmp_path, monkeypatch):
+    """train_step itself under torchrun: each process takes one prompt, DDP averages the gradients and the
+    normaliser and metrics are summed over both, so the gradient and every metric are those of one process
+    that grew both trees."""
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_STEP)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
-    result = subprocess.run(
-        [*command, str(tmp_path / "grads.pt"), str(Path(__file__).parent)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = torchrun(script, str(tmp_path / "step.pt"), str(Path(__file__).parent))
     assert result.returncode == 0, result.stderr[-3000:]
-    distributed = torch.load(tmp_path / "grads.pt")
-    single = fixed_step_gradient(distributed=False)
-    assert any(grad.abs().sum() > 0 for grad in single.values())
-    for name, grad in single.items():
-        torch.testing.assert_close(distributed[name], grad, rtol=1e-5, atol=1e-6)
+    distributed = torch.load(tmp_path / "step.pt")
+    monkeypatch.setattr(G, "sample_tree", G.sample_tree)  # step_through_train_step replaces it
+    single = step_through_train_step(distributed=False)
+    assert single["record"]["reward_std"] > 0 and single["record"]["grad_norm"] > 0
+    assert distributed["record"].keys() == single["record"].keys()
+    for key, value in single["record"].items():
+        assert distributed["record"][key] == (value if value is None else pytest.approx(value, rel=1e-5)), key
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(distributed["grads"][name], grad, rtol=1e-5, atol=1e-7)
+
+
+DDP_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from conftest import REWARDS
+import grpo_ma_run as R
+R.train(R.parse_args(sys.argv[2:]), reward_fns=REWARDS)
+"""
+
+
+def test_two_process_run_resumed_ends_bit_exact(tmp_path):
+    """Under torchrun a checkpoint holds every process's RNG streams: 2 steps, then --resume to 3, ends with
+    the weights, optimizer moments and metrics of 3 straight steps. (Both evaluate every step: a run's last
+    step evaluates, and sampled evaluation draws from rank 0's stream.)"""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_RUN)
+    flags = [*TINY_TORCHRUN, "--save-every", "1", "--eval-every", "1"]
+    tests = str(Path(__file__).parent)
+    for out, steps, extra in (("straight", "3", ()), ("parts", "2", ()), ("parts", "3", ("--resume",))):
+        result = torchrun(script, tests, *flags, "--steps", steps, "--out", str(tmp_path / out), *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    straight, parts = (load_checkpoint(tmp_path / name) for name in ("straight", "parts"))
+    assert len(straight["rng"]) == 2 and straight["progress"]["step"] == 3
+    assert_same_tensors(straight["model"], parts["model"])
+    for slot, moments in straight["optimizer"]["state"].items():
+        assert torch.equal(moments["exp_avg"], parts["optimizer"]["state"][slot]["exp_avg"])
+    timing = ("rollout_seconds", "train_seconds")
+    lines = [
+        [{k: v for k, v in line.items() if k not in timing} for line in read_metrics(tmp_path / name)]
+        for name in ("straight", "parts")
+    ]
+    assert lines[0] == lines[1] and all(line["grad_norm"] > 0 for line in lines[0][1:])
+
+
+TINY_TORCHRUN = [
+    "--device",
+    "cpu",
+    "--thoughts",
+    "2",
+    "--answers",
+    "2",
+    "--warmup-steps",
+    "5",
+    "--eval-size",
+    "4",
+]
 
 
 def test_torchrun_run_writes_one_metrics_line_per_step_and_a_loadable_final_model(tmp_path):

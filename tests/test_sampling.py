@@ -5,6 +5,8 @@ continues."""
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import grpo_ma as G
 
@@ -179,3 +181,33 @@ def test_greedy_tree_continues_each_prompt_and_each_thought(tokenizer):
             answer = tree.answer_ids[p][k][m]
             assert greedy(prefix, cfg.max_answer_tokens)[: len(answer)] == answer
     assert tree.thought_ids[0][0] != tree.thought_ids[1][0]  # the prompts do lead to different thoughts
+
+
+def cut_one_prefix_at_a_time(ids, tokenizer, stop):
+    """The definition, checked prefix by prefix: the first end at which the text holds `stop`, or eos is the
+    last token."""
+    for end in range(1, len(ids) + 1):
+        if stop in tokenizer.decode(ids[:end]):
+            return ids[:end], "stop"
+        if ids[end - 1] == tokenizer.eos_token_id:
+            return ids[:end], "eos"
+    return ids, "budget"
+
+
+CHAR_TOKENIZER = G.build_char_tokenizer()
+PIECES = [CHAR_TOKENIZER.encode(text, add_special_tokens=False) for text in ("1", ";", "<", "/", "answer>")]
+PIECES += [[CHAR_TOKENIZER.eos_token_id], [CHAR_TOKENIZER.convert_tokens_to_ids(G.THINK_CLOSE)]]
+PIECES += [
+    CHAR_TOKENIZER.encode(text, add_special_tokens=False) for text in ("</", "think", ">", "</answer>")
+]
+
+
+@given(
+    pieces=st.lists(st.sampled_from(PIECES), max_size=20),
+    stop=st.sampled_from([G.THINK_CLOSE, G.ANSWER_CLOSE, "1;", "</answer"]),
+)
+def test_cut_at_stop_cuts_where_the_first_prefix_holds_the_marker(pieces, stop):
+    """The bisection finds what a scan of every prefix finds, for markers of one token and of several, spelt
+    by one token or by pieces, with eos before, after or between them."""
+    ids = [token for piece in pieces for token in piece]
+    assert G.cut_at_stop(ids, CHAR_TOKENIZER, stop) == cut_one_prefix_at_a_time(ids, CHAR_TOKENIZER, stop)

@@ -291,3 +291,48 @@ def test_greedy_evaluation_scores_the_greedy_answer_and_sampled_evaluation_a_sam
     accuracy = G.evaluate(run, cfg)
     assert accuracy["eval_greedy_accuracy"] == 1.0
     assert accuracy["eval_sampled_accuracy"] < 1.0
+
+
+def test_dr_grpo_step_normalises_by_answers_times_both_token_budgets(monkeypatch):
+    """dr_grpo as train_step runs it: every answer token weighs 1 / (N * (thought budget + answer budget)),
+    the longest path the step could have sampled."""
+    cfg = small_config(loss_agg="dr_grpo", max_thought_tokens=8, max_answer_tokens=5)
+    run, optimizer = start(cfg)
+    real = G.loss_weights
+    seen = []
+
+    def recording(tree, *args, **kwargs):
+        seen.append((tree, real(tree, *args, **kwargs)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(G, "loss_weights", recording)
+    G.train_step(1, run, optimizer, G.Progress(), None, cfg)
+    ((tree, (thought_share, answer_share)),) = seen
+    n = len(tree.answer_slots())
+    for p, k, m in tree.answer_slots():
+        assert answer_share[p][k][m] == pytest.approx(1 / (n * 13))
+        assert thought_share[p][k] == pytest.approx(1 / (n * 13))
+
+
+@pytest.mark.parametrize(
+    "schedule, reference",
+    [
+        (dict(kl_schedule="dynamic", beta_min=0.0, beta_max=0.02), True),  # beta(s) is 0 only at s = w
+        (dict(kl_schedule="dynamic", beta_min=0.0, beta_max=0.0), False),
+        (dict(beta=0.0), False),
+        (dict(beta=0.04), True),
+    ],
+)
+def test_kl_reference_exists_whenever_beta_is_ever_above_zero(schedule, reference):
+    cfg = small_config(**schedule)
+    run, _ = start(cfg)
+    assert (G.kl_reference(run, cfg) is not None) == reference
+
+
+def test_dynamic_schedule_from_zero_logs_the_kl_at_every_step(monkeypatch):
+    """GRPO-D with beta_min 0: the step where beta(s) = 0 still measures the KL against the start policy."""
+    cfg = small_config(kl_schedule="dynamic", beta_min=0.0, beta_max=0.02, steps=10, explore_share=0.3)
+    run, optimizer = start(cfg)
+    reference = G.kl_reference(run, cfg)
+    record = G.train_step(3, run, optimizer, G.Progress(), reference, cfg)
+    assert record["beta"] == 0.0 and record["kl"] is not None and record["kl"] >= 0
