@@ -212,3 +212,78 @@ def vlm_tree(tokenizer, processor, examples, k=2, m=3, seed=1) -> G.Tree:
     forced = [[[] for _ in range(k)] for _ in prompt_ids]
     answers = [[[tokens(1, 4) for _ in range(m)] for _ in range(k)] for _ in prompt_ids]
     return G.Tree(prompt_ids, thoughts, forced, answers, [], [], [], vision)
+
+
+def assert_cached_sampling_equals_plain_generate(model, tokenizer, processor, examples, n, monkeypatch):
+    """A vision-language model's cached two-stage sampling (greedy, n continuations a prefix) gives the tokens
+    and every step's logits of its own plain generate() on each unpadded row with its pixels, for prompts and
+    for second-stage prefixes that carry a thought: a wrong position would change the logits even where the
+    random model's argmax does not move."""
+    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples, processor)
+    digits = tokenizer.encode("1:0+1=1;", add_special_tokens=False)
+    prefixes = [ids + digits[: 2 + i] for i, ids in enumerate(prompt_ids)]
+    real_generate = model.generate
+    recorded = []
+
+    def generate_and_record(**kwargs):
+        out = real_generate(**kwargs, output_logits=True, return_dict_in_generate=True)
+        recorded.append(torch.stack(out.logits, 1))  # (rows, new tokens, V)
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate_and_record)
+    for rows in (prompt_ids, prefixes):
+        recorded.clear()
+        got = G.sample_continuations(model, tokenizer, rows, n, 12, G.ANSWER_CLOSE, G.Config(), False, vision)
+        for i, (ids, inputs) in enumerate(zip(rows, vision)):
+            plain = plain_inputs(model, ids, inputs)
+            out = real_generate(
+                **plain, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+            expected = G.cut_at_stop(out.sequences[0, len(ids) :].tolist(), tokenizer, G.ANSWER_CLOSE)
+            assert [got[i * n + j] for j in range(n)] == [expected] * n
+            steps = len(out.logits)
+            for j in range(n):
+                torch.testing.assert_close(
+                    recorded[0][i * n + j, :steps], torch.cat(out.logits), rtol=1e-4, atol=1e-4
+                )
+
+
+def assert_tree_forward_equals_plain_forwards(model, tokenizer, processor, examples) -> dict:
+    """A vision-language model's tree forward (each prefix once, its cache repeated for the M answers, answer
+    positions continued from the prefix's last M-RoPE position) scores and differentiates as a plain
+    forward of every full row, in which the model computes its own positions. Returns the gradients."""
+    tree = vlm_tree(tokenizer, processor, examples)
+    gen = torch.Generator().manual_seed(2)
+    slots = tree.thought_slots()
+    weights = G.loss_weights(tree, "token")
+    batch = G.build_tree_batch(tree, slots, torch.zeros(3, 2), torch.zeros(3, 2, 3), weights, 0, "cpu")
+    mix = torch.randn(batch.weights.shape, generator=gen)  # a loss that weighs every token differently
+
+    model.zero_grad(set_to_none=True)
+    got = G.tree_logprobs(model, batch, 1.0)
+    (mix * got).sum().backward()
+    tree_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    thought_logps, answer_logps = [], []
+    for p, k in slots:
+        for m, answer in enumerate(tree.answer_ids[p][k]):
+            context = tree.prefix(p, k)
+            logits = model(**plain_inputs(model, context + answer, tree.vision[p])).logits
+            logps = torch.log_softmax(logits[0, :-1].float(), -1)
+            targets = torch.tensor(context + answer)[1:]
+            row = logps.gather(-1, targets[:, None]).squeeze(-1)  # row[j] scores token j + 1
+            if m == 0:  # a thought's tokens count once
+                start = len(tree.prompt_ids[p]) - 1
+                thought_logps.append(row[start : start + len(tree.thought_ids[p][k])])
+            answer_logps.append(row[len(context) - 1 :])
+    expected = torch.cat(thought_logps + answer_logps)
+    (mix * expected).sum().backward()
+    flat_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert tree_grads.keys() == flat_grads.keys()
+    for name, grad in flat_grads.items():
+        torch.testing.assert_close(tree_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    return flat_grads

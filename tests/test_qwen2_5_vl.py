@@ -18,7 +18,11 @@ import zlib
 
 import pytest
 import torch
-from conftest import plain_inputs, vlm_tree
+from conftest import (
+    assert_cached_sampling_equals_plain_generate,
+    assert_tree_forward_equals_plain_forwards,
+    plain_inputs,
+)
 from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 import grpo_ma as G
@@ -93,83 +97,15 @@ def test_the_tiny_config_has_windowed_and_full_attention_vision_blocks(qwen25):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_cached_sampling_equals_plain_generate_with_the_image(qwen25, n, monkeypatch):
-    """Greedy tokens and every step's logits, for prompts and for second-stage prefixes that carry a
-    thought: a wrong position (a missing M-RoPE offset, or one not repeated with its row) would change the
-    logits even where the random model's argmax does not move."""
-    model, tokenizer, processor, examples = qwen25
-    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples, processor)
-    digits = tokenizer.encode("1:0+1=1;", add_special_tokens=False)
-    prefixes = [ids + digits[: 2 + i] for i, ids in enumerate(prompt_ids)]
-    real_generate = model.generate
-    recorded = []
-
-    def generate_and_record(**kwargs):
-        out = real_generate(**kwargs, output_logits=True, return_dict_in_generate=True)
-        recorded.append(torch.stack(out.logits, 1))  # (rows, new tokens, V)
-        return out.sequences
-
-    monkeypatch.setattr(model, "generate", generate_and_record)
-    for rows in (prompt_ids, prefixes):
-        recorded.clear()
-        got = G.sample_continuations(model, tokenizer, rows, n, 12, G.ANSWER_CLOSE, G.Config(), False, vision)
-        for i, (ids, inputs) in enumerate(zip(rows, vision)):
-            out = real_generate(
-                **plain_inputs(model, ids, inputs),
-                max_new_tokens=12,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            expected = G.cut_at_stop(out.sequences[0, len(ids) :].tolist(), tokenizer, G.ANSWER_CLOSE)
-            assert [got[i * n + j] for j in range(n)] == [expected] * n
-            steps = len(out.logits)
-            for j in range(n):
-                torch.testing.assert_close(
-                    recorded[0][i * n + j, :steps], torch.cat(out.logits), rtol=1e-4, atol=1e-4
-                )
+    """Also a check of the M-RoPE offsets a Qwen2.5-VL keeps per row (not repeated with its row, they shift
+    every later position)."""
+    assert_cached_sampling_equals_plain_generate(*qwen25, n, monkeypatch)
 
 
 def test_tree_logprobs_and_gradients_equal_plain_forwards_of_every_row(qwen25):
-    """The tree forward (each prefix once, its cache repeated for the M answers, answer positions continued
-    from the prefix's last M-RoPE position) scores and differentiates exactly as a plain forward of every
-    full row, in which the model computes its own positions; the gradient reaches both vision blocks."""
-    model, tokenizer, processor, examples = qwen25
-    tree = vlm_tree(tokenizer, processor, examples)
-    gen = torch.Generator().manual_seed(2)
-    slots = tree.thought_slots()
-    weights = G.loss_weights(tree, "token")
-    batch = G.build_tree_batch(tree, slots, torch.zeros(3, 2), torch.zeros(3, 2, 3), weights, 0, "cpu")
-    mix = torch.randn(batch.weights.shape, generator=gen)  # a loss that weighs every token differently
-
-    model.zero_grad(set_to_none=True)
-    got = G.tree_logprobs(model, batch, 1.0)
-    (mix * got).sum().backward()
-    tree_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    model.zero_grad(set_to_none=True)
-    thought_logps, answer_logps = [], []
-    for p, k in slots:
-        for m, answer in enumerate(tree.answer_ids[p][k]):
-            context = tree.prefix(p, k)
-            logits = model(**plain_inputs(model, context + answer, tree.vision[p])).logits
-            logps = torch.log_softmax(logits[0, :-1].float(), -1)
-            targets = torch.tensor(context + answer)[1:]
-            row = logps.gather(-1, targets[:, None]).squeeze(-1)  # row[j] scores token j + 1
-            if m == 0:  # a thought's tokens count once
-                start = len(tree.prompt_ids[p]) - 1
-                thought_logps.append(row[start : start + len(tree.thought_ids[p][k])])
-            answer_logps.append(row[len(context) - 1 :])
-    expected = torch.cat(thought_logps + answer_logps)
-    (mix * expected).sum().backward()
-    flat_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert tree_grads.keys() == flat_grads.keys()
+    gradients = assert_tree_forward_equals_plain_forwards(*qwen25)
     for block in ("visual.blocks.0.", "visual.blocks.1."):  # the windowed and the full-attention block
-        assert any(block in name for name in flat_grads), block
-    for name, grad in flat_grads.items():
-        torch.testing.assert_close(tree_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert any(block in name for name in gradients), block
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ import random
 
 import pytest
 import torch
-from conftest import plain_inputs, vlm_tree
+from conftest import (
+    assert_cached_sampling_equals_plain_generate,
+    assert_tree_forward_equals_plain_forwards,
+    vlm_tree,
+)
 
 import grpo_ma as G
 from demos import counting_vlm as C
@@ -45,75 +49,12 @@ def test_prompts_hold_their_image_tokens_and_pixels(vlm):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_cached_sampling_equals_plain_generate_with_the_image(vlm, n, monkeypatch):
-    """Greedy tokens and every step's logits: a wrong position would change the logits even where the
-    random model's argmax does not move."""
-    model, tokenizer, processor, examples = vlm
-    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples, processor)
-    # a second stage too: prefixes that carry a thought after the prompt, of different lengths
-    digits = tokenizer.encode("1:0+1=1;", add_special_tokens=False)
-    prefixes = [ids + digits[: 2 + i] for i, ids in enumerate(prompt_ids)]
-    real_generate = model.generate
-    recorded = []
-
-    def generate_and_record(**kwargs):
-        out = real_generate(**kwargs, output_logits=True, return_dict_in_generate=True)
-        recorded.append(torch.stack(out.logits, 1))  # (rows, new tokens, V)
-        return out.sequences
-
-    monkeypatch.setattr(model, "generate", generate_and_record)
-    for rows in (prompt_ids, prefixes):
-        recorded.clear()
-        got = G.sample_continuations(model, tokenizer, rows, n, 12, G.ANSWER_CLOSE, G.Config(), False, vision)
-        for i, (ids, inputs) in enumerate(zip(rows, vision)):
-            plain = plain_inputs(model, ids, inputs)
-            out = real_generate(
-                **plain, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
-            )
-            expected = G.cut_at_stop(out.sequences[0, len(ids) :].tolist(), tokenizer, G.ANSWER_CLOSE)
-            assert [got[i * n + j] for j in range(n)] == [expected] * n
-            steps = len(out.logits)
-            for j in range(n):
-                torch.testing.assert_close(
-                    recorded[0][i * n + j, :steps], torch.cat(out.logits), rtol=1e-4, atol=1e-4
-                )
+    assert_cached_sampling_equals_plain_generate(*vlm, n, monkeypatch)
 
 
 def test_tree_logprobs_and_gradients_equal_plain_forwards_of_every_row(vlm):
-    model, tokenizer, processor, examples = vlm
-    tree = vlm_tree(tokenizer, processor, examples)
-    gen = torch.Generator().manual_seed(2)
-    slots = tree.thought_slots()
-    weights = G.loss_weights(tree, "token")
-    batch = G.build_tree_batch(tree, slots, torch.zeros(3, 2), torch.zeros(3, 2, 3), weights, 0, "cpu")
-    mix = torch.randn(batch.weights.shape, generator=gen)  # a loss that weighs every token differently
-
-    model.zero_grad(set_to_none=True)
-    got = G.tree_logprobs(model, batch, 1.0)
-    (mix * got).sum().backward()
-    tree_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    model.zero_grad(set_to_none=True)
-    thought_logps, answer_logps = [], []
-    for p, k in slots:
-        for m, answer in enumerate(tree.answer_ids[p][k]):
-            context = tree.prefix(p, k)
-            inputs = plain_inputs(model, context + answer, tree.vision[p])
-            logps = torch.log_softmax(model(**inputs).logits[0, :-1].float(), -1)
-            targets = torch.tensor(context + answer)[1:]
-            row = logps.gather(-1, targets[:, None]).squeeze(-1)  # row[j] scores token j + 1
-            if m == 0:  # a thought's tokens count once
-                start = len(tree.prompt_ids[p]) - 1
-                thought_logps.append(row[start : start + len(tree.thought_ids[p][k])])
-            answer_logps.append(row[len(context) - 1 :])
-    expected = torch.cat(thought_logps + answer_logps)
-    (mix * expected).sum().backward()
-    flat_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert tree_grads.keys() == flat_grads.keys()
-    assert any("visual" in name for name in flat_grads)  # the image's gradient reaches the vision tower
-    for name, grad in flat_grads.items():
-        torch.testing.assert_close(tree_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    gradients = assert_tree_forward_equals_plain_forwards(*vlm)
+    assert any("visual" in name for name in gradients)  # the image's gradient reaches the vision tower
 
 
 def test_a_vlm_never_samples_an_image_marker(vlm):
