@@ -491,8 +491,8 @@ def lm_head_positions(batch: G.TreeBatch) -> int:
 
 
 def measure_whole_steps(spec: dict) -> dict:
-    """One supervised warm-up (grpo_ma.setup_run + supervised_warmup), then for each configuration a fresh
-    AdamW and RunState from the same warm weights, the same prompts and the same sampling seed, and `steps`
+    """One supervised warm-up (grpo_ma.start_run + supervised_warmup), then for each configuration a fresh
+    AdamW and Progress from the same warm weights, the same prompts and the same sampling seed, and `steps`
     grpo_ma.train_steps with the frozen warm policy as the KL reference, as grpo_ma.train runs them."""
     import copy
 
@@ -1056,7 +1056,7 @@ def render_whole(whole: dict | None) -> list[str]:
         f"Embedded default, {whole['prompts_per_step']} prompts per step, micro-batch "
         f"{mb_name(whole['micro_batch'])}, after one shared supervised warm-up of {whole['warmup_steps']} "
         f"steps ({whole['warmup_seconds']:.0f} s); "
-        f"per configuration a fresh AdamW and RunState from the same warm weights and prompts, "
+        f"per configuration a fresh AdamW and Progress from the same warm weights and prompts, "
         f"{whole['steps']} train_steps, median. train s includes the frozen reference's no-grad pass, as in "
         "train_step.",
         "",
@@ -1252,8 +1252,8 @@ METHOD = """\
 - **Peak memory, CUDA**: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus
   `memory_allocated()` before the update for the difference; bf16 autocast through
   `grpo_ma.forward_precision`.
-- **Whole step**: `grpo_ma.setup_run` + `supervised_warmup` once, then per configuration a fresh AdamW and
-  `RunState`, the same warm weights, prompts and sampling seed, and `train_step`s with the frozen warm policy
+- **Whole step**: `grpo_ma.start_run` + `supervised_warmup` once, then per configuration a fresh AdamW and
+  `Progress`, the same warm weights, prompts and sampling seed, and `train_step`s with the frozen warm policy
   as KL reference; `rollout_seconds` and `train_seconds` are train_step's own (wall clock).
 """
 
