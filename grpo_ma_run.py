@@ -249,9 +249,8 @@ def base_identity(model, cfg: G.Config, out: Path) -> dict:
 
 
 def save_checkpoint(out: Path, run: G.Run, optimizer, progress: G.Progress, cfg: RunConfig, base=None):
-    """Everything the next step depends on, RNG states included, as tensors and plain values only. Written to
-    a temporary file and renamed into place, so a kill mid-write leaves no half file; the checkpoint before
-    stays as a fallback."""
+    """Everything the next step depends on, RNGs included, as tensors and plain values. Written aside and
+    renamed into place (a kill mid-write leaves no half file); the checkpoint before stays as a fallback."""
     rngs = gather(rng_states(run.device))  # every process samples from its own stream
     if rank_and_count()[0] > 0:
         return
@@ -327,9 +326,8 @@ def restore(checkpoint: dict, run: G.Run, optimizer, cfg: G.Config) -> G.Progres
 
 
 def resume(out: Path, run: G.Run, optimizer, cfg: RunConfig, base: dict | None) -> G.Progress:
-    """Continue from the newest checkpoint that reads as one of this run's. A file that does not (cut off by
-    a kill, corrupt, foreign) is named, set aside as NAME.unreadable, so the next save keeps the readable one
-    as its fallback, and the one before is used; settings that differ stop the resume instead."""
+    """Continue from the newest checkpoint that reads as this run's; one that does not (cut off, corrupt,
+    foreign) is named, set aside as NAME.unreadable and the one before used. Other settings stop it."""
     for name in CHECKPOINTS:
         path = out / name
         if not path.exists():
@@ -352,9 +350,8 @@ def resume(out: Path, run: G.Run, optimizer, cfg: RunConfig, base: dict | None) 
 # Live views, and the run
 # ================================================================================================
 def open_reporter(cfg: RunConfig, out: Path, step: int):
-    """The live view --report-to asks for, imported only then: a tensorboard writer in OUT/tensorboard (on
-    resume, events after `step` are dropped, as metrics.jsonl drops its lines), or a wandb run, offline
-    unless WANDB_MODE says otherwise. None for --report-to none."""
+    """The live view --report-to asks for, imported only then: tensorboard in OUT/tensorboard (a resume drops
+    the events after `step`, as metrics.jsonl its lines), or wandb, offline unless WANDB_MODE says so."""
     if cfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
@@ -403,9 +400,12 @@ def train(
         with owned_folder(cfg, out):
             if rank_and_count()[1] > 1:
                 dist.barrier()  # rank 0 owns the folder before any process goes on
-            return run_in_folder(cfg, run, out)
+            summary = run_in_folder(cfg, run, out)
+            if rank_and_count()[1] > 1:
+                dist.barrier()  # no process closes the group while rank 0 still writes the final files
+            return summary
     finally:
-        if dist.is_initialized():  # a gloo group left open can abort its process at exit
+        if dist.is_initialized():  # a gloo group left open, or closed under a busy peer, can abort at exit
             dist.destroy_process_group()
 
 
