@@ -879,6 +879,7 @@ dist.init_process_group("gloo")
 result = step_through_train_step(distributed=True)
 if dist.get_rank() == 0:
     torch.save(result, sys.argv[1])
+dist.barrier()  # closing the group while the other process still works can abort it
 dist.destroy_process_group()
 """
 
