@@ -656,9 +656,9 @@ def ma_advantages(
     return thought_adv, group_normalise(rewards, **norm)
 
 
-def zero_std_share(values: torch.Tensor) -> float:
-    """Share of groups (last dim) whose values are all equal: no learning signal (frac_reward_zero_std)."""
-    return (values.amax(-1) == values.amin(-1)).float().mean().item()
+def zero_std_groups(values: torch.Tensor) -> int:
+    """How many groups (last dim) have values all equal: no learning signal (TRL's frac_reward_zero_std)."""
+    return int((values.amax(-1) == values.amin(-1)).sum().item())
 
 
 # ================================================================================================
@@ -1060,9 +1060,9 @@ def rollout_sums(tree: Tree, scores: dict, examples: list[Example], cfg: Config,
         "answer_tokens": sum(len(tree.answer_ids[p][k][m]) for p, k, m in tree.answer_slots()),
         "truncated": sum(bool(tree.forced_close[p][k]) for p, k in tree.thought_slots()),
         "thought_groups": rewards.shape[0],
-        "zero_std_thought": zero_std_share(rewards.mean(-1)) * rewards.shape[0],
+        "zero_std_thought": zero_std_groups(rewards.mean(-1)),
         "answer_groups": answer_groups[..., 0].numel(),
-        "zero_std_answer": zero_std_share(answer_groups) * answer_groups[..., 0].numel(),
+        "zero_std_answer": zero_std_groups(answer_groups),
     }
     return sums | {name: values.double().sum().item() for name, values in scores.items() if name != "total"}
 
