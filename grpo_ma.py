@@ -63,7 +63,7 @@ class Config:
     answers: int = setting(4, "M: answers sampled per thought (stage 2); M=1 is plain GRPO", low=1)
     prompts_per_step: int = setting(8, "prompts per optimizer step", low=1)
     steps: int = setting(150, "GRPO-MA optimizer steps", low=0)
-    micro_batch: int = setting(0, "thoughts (with their answers) per forward and backward; 0: all", low=0)
+    micro_batch_tokens: int = setting(4096, "padded tokens per forward: whole thoughts are packed", low=1)
     # the embedded model's supervised warm-up
     warmup_steps: int = setting(450, "supervised warm-up steps on reference solutions before RL", low=0)
     warmup_lr: float = setting(1e-3, "learning rate of the supervised warm-up", above=0)
@@ -666,18 +666,22 @@ def zero_std_groups(values: torch.Tensor) -> int:
 # ================================================================================================
 @dataclass
 class TreeBatch:
-    """A micro-batch of B thoughts of the tree, each with its M answers, as padded tensors, and one advantage
-    and one loss weight per counted token, in the order tree_logprobs returns the tokens: thoughts, then
-    answers, each row by row."""
+    """A micro-batch of whole thoughts, each with its M answers, laid out as the tree it is: each of its
+    prompts once, each thought once after its prompt, each answer after its thought. One advantage and one
+    loss weight per counted token, in the order tree_logprobs returns the tokens: thoughts, then answers."""
 
-    prefix_ids: torch.Tensor  # (B, Lp) prompt + thought + forced close, left-padded
-    prefix_mask: torch.Tensor  # (B, Lp) attention mask
-    thought_mask: torch.Tensor  # (B, Lp) bool: a sampled thought token, scored from the position before
-    answer_ids: torch.Tensor  # (B*M, La) answers, right-padded, thought-major
-    answer_mask: torch.Tensor  # (B*M, La) bool: a sampled answer token
+    prompt_ids: torch.Tensor  # (P, Lp) the micro-batch's prompts, left-padded
+    prompt_mask: torch.Tensor  # (P, Lp) attention mask
+    thought_ids: torch.Tensor  # (B, Lt) thought + forced close, right-padded
+    thought_mask: torch.Tensor  # (B, Lt) bool: a real token (the forced close is context, never scored)
+    thought_scored: torch.Tensor  # (B, Lt) bool: a sampled thought token
+    thought_prompt: torch.Tensor  # (B,) the prompt row each thought continues
+    answer_ids: torch.Tensor  # (A, La) answers, right-padded, thought-major
+    answer_mask: torch.Tensor  # (A, La) bool: a sampled answer token
+    answer_thought: torch.Tensor  # (A,) the thought row each answer continues
     advantages: torch.Tensor  # (Nt + Na,) A_thought on thought tokens, A_answer on answer tokens
     weights: torch.Tensor  # (Nt + Na,) each token's share w_t of the step's loss
-    vision: list = field(default_factory=list)  # [B] each thought's prompt's image inputs, or empty
+    vision: list = field(default_factory=list)  # [P] each prompt's image inputs, or empty
 
 
 def loss_weights(
@@ -724,18 +728,43 @@ def loss_weights(
     return thought_share, answer_share
 
 
+def padded_tokens(tree: Tree, slots: list[tuple[int, int]]) -> int:
+    """What a micro-batch of thoughts `slots` costs a forward: its prompts, thoughts and answers, each level
+    padded to its longest row, as `build_tree_batch` lays them out."""
+    prompts = {p for p, _ in slots}
+    thoughts = [len(tree.thought_ids[p][k] + tree.forced_close[p][k]) for p, k in slots]
+    answers = [len(ids) for p, k in slots for ids in tree.answer_ids[p][k]]
+    width = max(len(tree.prompt_ids[p]) for p in prompts)
+    return len(prompts) * width + len(thoughts) * max(thoughts) + len(answers) * max(answers, default=0)
+
+
+def pack_thoughts(tree: Tree, budget: int) -> list[list[tuple[int, int]]]:
+    """Whole thoughts (with their answers), in tree order, into micro-batches of at most `budget` padded
+    tokens; a thought that alone exceeds the budget is a micro-batch of its own. The loss weights are fixed
+    over the whole step, so the packing changes memory and speed, never the gradient."""
+    packs = [[]]
+    for slot in tree.thought_slots():
+        if packs[-1] and padded_tokens(tree, packs[-1] + [slot]) > budget:
+            packs.append([])
+        packs[-1].append(slot)
+    return packs
+
+
 def build_tree_batch(tree: Tree, slots, thought_adv, answer_adv, weights, pad_id: int, device) -> TreeBatch:
     """The micro-batch of thoughts `slots` [(p, k)] with their answers, advantages (thought_adv (P, K),
     answer_adv (P, K, M)) and loss weights. Forced </think> tokens are context only, like the prompt."""
-    prefix_ids, prefix_mask = left_pad([tree.prefix(p, k) for p, k in slots], pad_id, device)
-    thought_mask = torch.zeros_like(prefix_mask, dtype=torch.bool)
-    for row, (p, k) in enumerate(slots):  # left-padded: the thought ends where its forced close begins
-        end = prefix_ids.shape[1] - len(tree.forced_close[p][k])
-        thought_mask[row, end - len(tree.thought_ids[p][k]) : end] = True
+    prompts = list(dict.fromkeys(p for p, _ in slots))  # each prompt once, in order
+    prompt_ids, prompt_mask = left_pad([tree.prompt_ids[p] for p in prompts], pad_id, device)
+    thoughts = [tree.thought_ids[p][k] + tree.forced_close[p][k] for p, k in slots]
+    scored = [[True] * len(tree.thought_ids[p][k]) + [False] * len(tree.forced_close[p][k]) for p, k in slots]
     answers = [(p, k, m) for p, k in slots for m in range(len(tree.answer_ids[p][k]))]
     rows = [tree.answer_ids[p][k][m] for p, k, m in answers]
-    answer_ids = torch.tensor(right_pad(rows, pad_id), device=device)
-    answer_mask = torch.tensor(right_pad([[True] * len(row) for row in rows], False), device=device)
+
+    def tensor(values, dtype=None):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    thought_row = {slot: row for row, slot in enumerate(slots)}
+
     thought_weights, answer_weights = weights
     per_thought = [
         (thought_adv[p, k].item(), thought_weights[p][k], len(tree.thought_ids[p][k])) for p, k in slots
@@ -746,27 +775,36 @@ def build_tree_batch(tree: Tree, slots, thought_adv, answer_adv, weights, pad_id
     ]
     advantages = [adv for adv, _, n in per_thought + per_answer for _ in range(n)]
     token_weights = [weight for _, weight, n in per_thought + per_answer for _ in range(n)]
-    advantages = torch.tensor(advantages, dtype=torch.float32, device=device)
-    token_weights = torch.tensor(token_weights, dtype=torch.float32, device=device)
-    padded = (prefix_ids, prefix_mask, thought_mask, answer_ids, answer_mask)
-    vision = [tree.vision[p] for p, _ in slots] if tree.vision else []
-    return TreeBatch(*padded, advantages, token_weights, vision)
+    return TreeBatch(
+        prompt_ids,
+        prompt_mask,
+        thought_ids=tensor(right_pad(thoughts, pad_id)),
+        thought_mask=tensor(right_pad([[True] * len(row) for row in thoughts], False)),
+        thought_scored=tensor(right_pad(scored, False)),
+        thought_prompt=tensor([prompts.index(p) for p, _ in slots]),
+        answer_ids=tensor(right_pad(rows, pad_id)),
+        answer_mask=tensor(right_pad([[True] * len(row) for row in rows], False)),
+        answer_thought=tensor([thought_row[p, k] for p, k, _ in answers]),
+        advantages=tensor(advantages, torch.float32),
+        weights=tensor(token_weights, torch.float32),
+        vision=[tree.vision[p] for p in prompts] if tree.vision else [],
+    )
 
 
-def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int = 0):
-    """log softmax(logits / T)[target] row by row (as in TRL, logits are divided by the sampling temperature,
-    so the ratio compares the distribution that sampled), upcast to float32 one chunk at a time. Under
-    autograd each chunk is recomputed in the backward pass, so no float32 copy of all rows is ever kept.
-    logits: (N, V) any dtype, targets: (N,) -> (N,) float32."""
-    chunk = chunk or max(1, 2**26 // logits.shape[-1])  # about 256 MB of float32 logits per chunk
+def selected_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float, chunk: int = 0):
+    """log softmax(head(hidden) / T)[target] row by row (as in TRL, logits are divided by the sampling
+    temperature, so the ratio compares the distribution that sampled), in float32, one chunk of rows at a
+    time. Under autograd each chunk's logits are recomputed in the backward pass, so the logits of all rows
+    (N, V) never exist at once. hidden: (N, H), targets: (N,) -> (N,) float32."""
+    chunk = chunk or max(1, 2**26 // head.out_features)  # about 256 MB of float32 logits per chunk
 
-    def chunk_logprobs(logits_chunk, targets_chunk):
-        scaled = logits_chunk.float() / temperature
+    def chunk_logprobs(hidden_chunk, targets_chunk):
+        scaled = head(hidden_chunk).float() / temperature
         return scaled.gather(-1, targets_chunk[:, None]).squeeze(-1) - scaled.logsumexp(-1)
 
-    parts = [logits.new_zeros(0, dtype=torch.float32)]
-    for start in range(0, logits.shape[0], chunk):
-        args = (logits[start : start + chunk], targets[start : start + chunk])
+    parts = [hidden.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, hidden.shape[0], chunk):
+        args = (hidden[start : start + chunk], targets[start : start + chunk])
         if torch.is_grad_enabled():
             parts.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
         else:
@@ -774,41 +812,65 @@ def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: 
     return torch.cat(parts)
 
 
+def continue_rows(body, cache, parents, context_mask, context_end, ids, mask):
+    """Forward right-padded rows ids (B, L) that continue the cached rows `parents` (B,): the cache is
+    re-indexed to one copy of its parent per row, attention covers the parent's real tokens and the row's,
+    and positions count on from the parent's last one, context_end ((P, 1), or (3, P, 1) for M-RoPE).
+    Returns (hidden states (B, L, H), the attention mask so far (B, parent's width + L))."""
+    cache.batch_select_indices(parents)
+    attention = torch.cat([context_mask[parents], mask], 1).long()
+    steps = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    positions = context_end.index_select(-2, parents) + steps  # (B, L), or (3, B, L)
+    hidden = body(
+        input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
+    )
+    return hidden.last_hidden_state, attention
+
+
 def tree_logprobs(model, batch: TreeBatch, temperature: float) -> torch.Tensor:
     """log pi(token) of every counted token of the micro-batch, computed the way the tree was sampled.
 
-    Each prompt + thought is forwarded ONCE (with gradients, when enabled); its KV cache is repeated M times
-    and the M answers are forwarded against it. So no answer re-encodes its prompt and thought, and the
-    prefix's gradient collects every answer's share through the cache. Thought tokens take their log-probs
-    from the prefix pass; answer token 1 from the prefix's last position, later ones from the answer pass.
-    Only the positions the loss reads go through the LM head. Returns (Nt + Na,), float32, TreeBatch order."""
+    Each prompt is forwarded ONCE (with gradients, when enabled), with its images; its KV cache is repeated
+    for its thoughts, which are forwarded against it; each thought's cache is repeated for its M answers in
+    turn. So no thought re-encodes its prompt and no answer its prompt and thought, and a prefix's gradient
+    collects the share of everything that follows it through the cache. A row's first token is scored from
+    its parent's last position, later ones from the row's own. Only the hidden states the loss reads go
+    through the LM head. Returns (Nt + Na,), float32, TreeBatch order."""
     from transformers import DynamicCache
 
-    m = batch.answer_ids.shape[0] // batch.prefix_ids.shape[0]
-    width = batch.prefix_ids.shape[1]
-    # logits at position j score token j + 1: keep positions from just before the earliest thought token
-    has_thought = batch.thought_mask.any(-1)
-    first = batch.thought_mask.int().argmax(-1).masked_fill(~has_thought, width).min().item()
-    keep = width - max(first - 1, 0)
-    inputs = model_inputs(model, batch.prefix_ids, batch.prefix_mask, batch.vision)
-    positions = inputs["position_ids"]  # (B, Lp), or (3, B, Lp) for M-RoPE
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA's wrapper
+    body, head = causal_lm.model, causal_lm.lm_head
     cache = DynamicCache(config=model.config)
-    logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=keep).logits  # (B, keep, V)
-    scored = batch.thought_mask[:, width - keep + 1 :]
-    thought_targets = batch.prefix_ids[:, width - keep + 1 :][scored]
-    thought_logps = selected_logprobs(logits[:, :-1][scored], thought_targets, temperature)
-    answer_logits = logits[:, -1:].repeat_interleave(m, dim=0)  # (B*M, 1, V): scores each first token
+    inputs = model_inputs(model, batch.prompt_ids, batch.prompt_mask, batch.vision)
+    prompt_last = body(**inputs, cache=cache, use_cache=True).last_hidden_state[:, -1:]  # (P, 1, H)
+    prompt_end = inputs["position_ids"][..., -1:]
+    thought_hidden, attention = continue_rows(
+        body,
+        cache,
+        batch.thought_prompt,
+        batch.prompt_mask,
+        prompt_end,
+        batch.thought_ids,
+        batch.thought_mask,
+    )
+    # scorer[b, j] scores thought token j: the prompt's last state, then the thought's own states
+    scorer = torch.cat([prompt_last[batch.thought_prompt], thought_hidden], 1)  # (B, Lt + 1, H)
+    thought_logps = selected_logprobs(
+        scorer[:, :-1][batch.thought_scored], head, batch.thought_ids[batch.thought_scored], temperature
+    )
+    lengths = batch.thought_mask.sum(-1, keepdim=True)  # (B, 1) real tokens, forced close included
+    thought_last = scorer.gather(1, lengths[..., None].expand(-1, 1, scorer.shape[-1]))  # (B, 1, H)
+    thought_end = prompt_end.index_select(-2, batch.thought_prompt) + lengths  # each token one position on
+    answer_scorer = thought_last[batch.answer_thought]  # (A, 1, H)
     if batch.answer_ids.shape[1] > 1:  # the last answer token scores nothing, so it is not fed
-        cache.batch_repeat_interleave(m)
-        answer_inputs = batch.answer_ids[:, :-1]
-        attention = torch.cat([batch.prefix_mask.repeat_interleave(m, dim=0), batch.answer_mask[:, :-1]], 1)
-        steps = torch.arange(1, answer_inputs.shape[1] + 1, device=answer_inputs.device)
-        inputs = dict(input_ids=answer_inputs, attention_mask=attention.long())
-        continued = positions[..., -1:].repeat_interleave(m, dim=-2) + steps  # (..., B*M, La - 1)
-        rest = model(**inputs, position_ids=continued, cache=cache, use_cache=True).logits
-        answer_logits = torch.cat([answer_logits, rest], dim=1)  # (B*M, La, V)
-    answer_targets = batch.answer_ids[batch.answer_mask]
-    answer_logps = selected_logprobs(answer_logits[batch.answer_mask], answer_targets, temperature)
+        answer_ids, answer_mask = batch.answer_ids[:, :-1], batch.answer_mask[:, :-1]
+        answer_hidden, _ = continue_rows(
+            body, cache, batch.answer_thought, attention, thought_end, answer_ids, answer_mask
+        )
+        answer_scorer = torch.cat([answer_scorer, answer_hidden], 1)  # (A, La, H)
+    answer_logps = selected_logprobs(
+        answer_scorer[batch.answer_mask], head, batch.answer_ids[batch.answer_mask], temperature
+    )
     return torch.cat([thought_logps, answer_logps])
 
 
@@ -873,7 +935,7 @@ def grpo_ma_loss(logps, old_logps, ref_logps, advantages, weights, beta: float, 
 METRIC_KEYS = (
     "step", "reward_mean", "reward_std", "train_accuracy", "loss", "kl", "beta", "clip_frac", "clip_ratio",
     "grad_norm", "gss", "gss_over_10", "zero_std_thought_frac", "zero_std_answer_frac", "thought_len",
-    "answer_len", "truncated_frac", "tokens_generated", "rollout_seconds", "train_seconds",
+    "answer_len", "truncated_frac", "tokens_generated", "micro_batches", "rollout_seconds", "train_seconds",
     "eval_greedy_accuracy", "eval_sampled_accuracy",
 )  # fmt: skip
 FINAL = "final"  # the trained policy, save_pretrained's folder
@@ -1116,7 +1178,7 @@ def train_step(
         counted = [[[ended != "budget" for ended in by_k] for by_k in by_p] for by_p in tree.answer_ended]
     max_length = cfg.max_thought_tokens + cfg.max_answer_tokens
     weights = loss_weights(tree, cfg.loss_agg, counted, max_length, processes.total)
-    parts = group_rows(tree.thought_slots(), cfg.micro_batch or len(tree.thought_slots()))
+    parts = pack_thoughts(tree, cfg.micro_batch_tokens)
     pad_id = run.tokenizer.pad_token_id
     batches = [
         build_tree_batch(tree, part, thought_adv, answer_adv, weights, pad_id, run.device) for part in parts
@@ -1148,9 +1210,11 @@ def train_step(
         grad_norms.append(torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip).item())
         optimizer.step()
 
-    sums = processes.total(sums | rollout_sums(tree, scores, examples, cfg, run.is_correct))
+    sums |= rollout_sums(tree, scores, examples, cfg, run.is_correct) | {"micro_batches": len(batches)}
+    sums = processes.total(sums)
     grad_norm = max(grad_norms)  # with mu > 1 the largest: spikes are what the norm is logged for
     record = {"step": step, "loss": sums["loss"], "beta": beta, "grad_norm": grad_norm}
+    record["micro_batches"] = round(sums["micro_batches"])  # forward passes an iteration, all processes
     record["kl"] = None if reference is None else sums["kl"] / sums["tokens"]
     record["clip_frac"] = sums["clip_frac"] / sums["tokens"]
     record["clip_ratio"] = sums["clip_ratio"] / sums["tokens"]

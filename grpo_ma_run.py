@@ -49,8 +49,8 @@ class RunConfig(G.Config):
 
 
 RESUMABLE_CHANGES = {  # the settings a resumed run may change: none changes what the run computes
-    "resume", "overwrite", "device", "precision", "out", "steps", "save_every", "save_merged", "micro_batch",
-    "report_to",
+    "resume", "overwrite", "device", "precision", "out", "steps", "save_every", "save_merged",
+    "micro_batch_tokens", "report_to",
 }  # fmt: skip
 
 

@@ -23,9 +23,10 @@ Where this recipe chooses (grpo_ma's own departures from the paper are listed in
   spacing of a weight of 0.02, about 1e-4; a test in tests/test_demo_gsm8k.py shows it).
 - `--reward steprvr` is refused: it checks the embedded task's "n:a op b=c;" steps, not free-text reasoning.
 
-Memory. grpo_ma's update follows the tree: each prompt + thought is forwarded once for its M answers, in
-micro-batches of --micro-batch thoughts (1 here), and log-probs are taken in float32 chunks, so the logits
-held at any time are one thought's, whatever --prompts-per-step is. What stays is the model state: float32
+Memory. grpo_ma's update follows the tree: each prompt is forwarded once for its thoughts and each thought
+once for its M answers, in micro-batches of whole thoughts packed up to --micro-batch-tokens padded tokens,
+and log-probs are taken in float32 chunks, so activations are bounded by the budget, whatever
+--prompts-per-step is. What stays is the model state: float32
 weights, gradients and two AdamW moments plus the frozen float32 reference, 20 bytes a parameter (0.5B:
 ~10 GB; 1.5B: ~31 GB). paper_figures/results/bench.md holds the measured peaks (`python -m
 paper_figures.bench`). The tree update cannot use transformers' per-layer gradient checkpointing, which drops
@@ -205,7 +206,6 @@ def gsm8k_reward_functions(cfg: grpo_ma.Config) -> list[tuple[grpo_ma.RewardFn, 
 GPU_DEFAULTS = dict(
     model="Qwen/Qwen2.5-0.5B-Instruct",
     prompts_per_step=8,
-    micro_batch=1,  # one thought and its answers per forward: the logits of one thought at a time
     steps=200,
     warmup_steps=0,  # an instruct model already writes reasoning; RL only
     warmup_lr=1e-5,  # if a warm-up is asked for: 1e-3 (the embedded model's) would wreck a real model

@@ -44,7 +44,7 @@ Where this recipe chooses (grpo_ma's own departures from the paper are listed in
   150M adapter parameters), while the vision attention, patch embedding and merger stay frozen;
   `--lora-targets q_proj,k_proj,v_proj,o_proj` leaves the vision tower untouched. (Qwen2-VL's vision MLP is
   fc1/fc2: there the default adapts the language model only.)
-- Sampling: T4A4 on 4 prompts a step (64 answers), micro-batch 1. Thoughts up to 256 tokens (a counting or
+- Sampling: T4A4 on 4 prompts a step (64 answers). Thoughts up to 256 tokens (a counting or
   short geometry argument; longer ones are closed by force), answers up to 16 (one number in its block).
 - Images: downscaled on reading (aspect kept) to at most --max-image-pixels, 512 * 28 * 28: Qwen2.5-VL merges
   28x28 pixels into one vision token, so an image costs at most ~512 tokens of every prompt it is in.
@@ -57,8 +57,9 @@ the frozen base is stored in bfloat16 (7.5 GB: nothing updates it, so it needs n
 only the adapter (rank 64: ~150M parameters) has float32 weights, gradients and two AdamW moments, 16 bytes a
 parameter, ~2.4 GB; the KL reference is the same model with the adapter switched off, so it costs no memory
 (full fine-tuning would need ~75 GB: float32 weights, gradients, two moments and a frozen reference). The
-tree update forwards one prompt + thought at a time for its M answers (--micro-batch 1), so activations are
-one thought's, its image tokens included; it cannot use per-layer gradient checkpointing (that drops the KV
+tree update forwards each prompt (its image tokens included) once for its thoughts and each thought once for
+its M answers, packed up to --micro-batch-tokens padded tokens a forward, so activations are bounded by that
+budget; it cannot use per-layer gradient checkpointing (that drops the KV
 cache the answers are forwarded against). The peak has not been measured on a GPU
 here: treat the first GPU run as the test. Every checkpoint holds the adapter and its AdamW state (~1.8
 GB), not the base, and two are kept (--save-every 100). OUT/final holds the adapter and the processor.
@@ -226,7 +227,6 @@ GPU_DEFAULTS = dict(
     model="Qwen/Qwen2.5-VL-3B-Instruct",
     device="cuda",
     prompts_per_step=4,
-    micro_batch=1,  # one thought and its answers per forward: the logits of one thought at a time
     steps=200,
     warmup_steps=0,  # an instruct model already writes reasoning; RL only
     warmup_lr=1e-5,  # if a warm-up is asked for: 1e-3 (the embedded model's) would wreck a real model

@@ -27,7 +27,7 @@ from grpo_ma_run import RunConfig as Config  # every grpo_ma.Config field, and t
 
 # Config fields left out of the key: where a run writes, how often it checkpoints, resuming; and the device,
 # since a cache lives on one machine (the device a run used is in its summary).
-NOT_IN_KEY = frozenset({"out", "resume", "overwrite", "save_every", "device", "micro_batch"})
+NOT_IN_KEY = frozenset({"out", "resume", "overwrite", "save_every", "device", "micro_batch_tokens"})
 # Bump to invalidate every cached run after a change to grpo_ma.py that changes results (the results file
 # lists the grpo_ma.py hash each run was made with; `collect` warns when it differs from the current file).
 CACHE_VERSION = 2

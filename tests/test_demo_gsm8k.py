@@ -226,11 +226,11 @@ def test_cli_defaults_are_the_single_gpu_recipe():
         0,
         0.04,
     )
-    assert cfg.lr == 1e-6 and (cfg.prompts_per_step, cfg.micro_batch) == (8, 1)
+    assert cfg.lr == 1e-6 and (cfg.prompts_per_step, cfg.micro_batch_tokens) == (8, 4096)
     assert (cfg.max_thought_tokens, cfg.max_answer_tokens) == (384, 32)
     assert args.data is None
-    cfg, _ = D.parse_args(["--micro-batch", "4", "--thoughts", "16", "--answers", "1"])
-    assert (cfg.micro_batch, cfg.thoughts, cfg.answers) == (4, 16, 1)
+    cfg, _ = D.parse_args(["--micro-batch-tokens", "512", "--thoughts", "16", "--answers", "1"])
+    assert (cfg.micro_batch_tokens, cfg.thoughts, cfg.answers) == (512, 16, 1)
 
 
 # ------------------------------------------------------------------------------------------------

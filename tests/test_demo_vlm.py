@@ -203,7 +203,7 @@ def test_cli_defaults_are_the_single_gpu_lora_recipe():
     cfg, args = D.parse_args(["--data", "d.jsonl"])
     assert (cfg.model, cfg.device, cfg.thoughts, cfg.answers) == ("Qwen/Qwen2.5-VL-3B-Instruct", "cuda", 4, 4)
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lr) == (64, 128, 0.0, 1e-5)
-    assert (cfg.prompts_per_step, cfg.micro_batch, cfg.warmup_steps) == (4, 1, 0)
+    assert (cfg.prompts_per_step, cfg.micro_batch_tokens, cfg.warmup_steps) == (4, 4096, 0)
     assert (cfg.max_thought_tokens, cfg.max_answer_tokens, cfg.eval_size) == (256, 16, 100)
     assert (cfg.kl_schedule, cfg.beta, cfg.beta_min, cfg.beta_max) == ("constant", 0.04, 0.04, 0.10)
     assert (args.kl_pair, args.max_image_pixels, args.eval_data) == ("counting", 512 * 28 * 28, None)

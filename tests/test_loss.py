@@ -46,7 +46,9 @@ def test_selected_logprobs_are_log_softmax_of_logits_over_temperature(temperatur
         scaled = [value / temperature for value in row]
         top = max(scaled)
         expected.append(scaled[target] - top - math.log(sum(math.exp(v - top) for v in scaled)))
-    got = G.selected_logprobs(logits, targets, temperature, chunk=4)
+    head = torch.nn.Linear(9, 9, bias=False)  # the identity: the rows are the logits
+    torch.nn.init.eye_(head.weight)
+    got = G.selected_logprobs(logits, head, targets, temperature, chunk=4)
     torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-5)
 
 
@@ -388,13 +390,14 @@ def test_forced_think_close_is_context_not_trained(tokenizer, tiny_model):
     weights = G.loss_weights(tree, "token")
     slots = tree.thought_slots()
     batch = G.build_tree_batch(tree, slots, ones[..., 0], ones, weights, tokenizer.pad_token_id, "cpu")
-    # the counted prefix tokens are exactly the sampled thoughts, a sampled </think> included
-    counted = [batch.prefix_ids[row][batch.thought_mask[row]].tolist() for row in range(len(slots))]
+    # the counted thought tokens are exactly the sampled thoughts, a sampled </think> included
+    counted = [batch.thought_ids[row][batch.thought_scored[row]].tolist() for row in range(len(slots))]
     assert counted == [tree.thought_ids[p][k] for p, k in slots]
     for row, (p, k) in enumerate(slots):
-        if (p, k) in forced:  # the appended marker ends the row and is never counted
-            assert batch.prefix_ids[row, -len(close) :].tolist() == close
-            assert not batch.thought_mask[row, -len(close) :].any()
+        real = batch.thought_ids[row][batch.thought_mask[row]]
+        if (p, k) in forced:  # the appended marker ends the row: context for the answers, never counted
+            assert real[-len(close) :].tolist() == close
+            assert not batch.thought_scored[row, len(real) - len(close) : len(real)].any()
     answer_tokens = sum(len(tree.answer_ids[p][k][m]) for p, k, m in tree.answer_slots())
     thought_tokens = sum(len(tree.thought_ids[p][k]) for p, k in slots)
     assert len(batch.advantages) == len(batch.weights) == thought_tokens + answer_tokens
@@ -464,7 +467,7 @@ def thought_only_gradient(tokenizer, model, m, how):
 def test_thought_gradient_does_not_grow_with_m(tokenizer, tiny_model):
     norm_1, batch_1 = thought_only_gradient(tokenizer, tiny_model, 1, "sequence")
     norm_8, batch_8 = thought_only_gradient(tokenizer, tiny_model, 8, "sequence")
-    assert batch_1.thought_mask.sum() == batch_8.thought_mask.sum()  # each thought's tokens counted once
+    assert batch_1.thought_scored.sum() == batch_8.thought_scored.sum()  # each thought's tokens counted once
     assert norm_1 > 0
     torch.testing.assert_close(norm_8, norm_1, rtol=1e-4, atol=1e-6)
     token_1, _ = thought_only_gradient(tokenizer, tiny_model, 1, "token")

@@ -906,12 +906,12 @@ def fixed_tree(model, tokenizer, prompt_ids, k, m, cfg, do_sample=True, vision=N
 
 
 def step_through_train_step(distributed: bool) -> dict:
-    """One grpo_ma.train_step on 2 prompts (T2A2, micro-batch 1, fixed trees, rewards that vary): in one
+    """One grpo_ma.train_step on 2 prompts (T2A2, a thought per pass, fixed trees, varied rewards): in one
     process over both prompts, or, with `distributed`, in this process of two over its share, its forward in
     DistributedDataParallel and its counts summed as grpo_ma_run hands them in. Returns the gradient and the
     step's metrics."""
     G.sample_tree = fixed_tree
-    cfg = G.Config(thoughts=2, answers=2, prompts_per_step=2, warmup_steps=0, micro_batch=1, beta=0.0)
+    cfg = G.Config(thoughts=2, answers=2, prompts_per_step=2, warmup_steps=0, micro_batch_tokens=1, beta=0.0)
     cfg = dataclasses.replace(cfg, temperature=0.7, grad_clip=1e9, device="cpu")
     run = G.start_run(cfg, reward_fns=REWARDS)
     processes = G.Processes()

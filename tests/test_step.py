@@ -75,7 +75,7 @@ def token_advantages(tree, slots, thought, answer):
 
 @pytest.mark.parametrize("pool, ddof, scale", [("all", 1, True), ("thought", 0, True), ("thought", 1, False)])
 def test_step_trains_on_the_advantages_of_its_own_rewards(monkeypatch, pool, ddof, scale):
-    cfg = small_config(answer_pool=pool, ddof=ddof, scale_rewards=scale, micro_batch=4)
+    cfg = small_config(answer_pool=pool, ddof=ddof, scale_rewards=scale, micro_batch_tokens=120)
     run, optimizer = start(cfg)
     spy = Spy(monkeypatch)
     G.train_step(1, run, optimizer, G.Progress(), None, cfg)
@@ -84,7 +84,9 @@ def test_step_trains_on_the_advantages_of_its_own_rewards(monkeypatch, pool, ddo
         np.ptp(rewards.mean(-1), -1) > 0
     ).all()  # signal at both levels
     thought, answer = expected_advantages(rewards, pool, ddof, scale)
-    assert [slots for _, slots, _ in spy.batches] == [[(0, 0), (0, 1), (0, 2), (1, 0)], [(1, 1), (1, 2)]]
+    packs = [slots for _, slots, _ in spy.batches]
+    assert packs == G.pack_thoughts(spy.batches[0][0], 120) and len(packs) > 1
+    assert max(map(len, packs)) > 1  # whole thoughts packed together, some of them split from their prompt
     for tree, slots, batch in spy.batches:
         expected = torch.tensor(token_advantages(tree, slots, thought, answer), dtype=torch.float32)
         torch.testing.assert_close(batch.advantages, expected, rtol=1e-5, atol=1e-6)
@@ -116,21 +118,23 @@ def test_step_moves_the_weights_along_a_nonzero_gradient():
 
 @pytest.mark.parametrize("how", ["token", "sequence"])
 def test_micro_batches_change_nothing_but_memory(how):
-    """The same step in one batch and in micro-batches of one thought: the same loss and gradient norm and,
-    with plain SGD (its update is -lr * gradient) and no clipping, the same update."""
+    """The same step in one pass, in packs of a few thoughts and one thought at a time: the same loss and
+    gradient norm and, with plain SGD (its update is -lr * gradient) and no clipping, the same update."""
     records, deltas = [], []
-    for micro_batch in (0, 1):
-        cfg = small_config(micro_batch=micro_batch, loss_agg=how, grad_clip=1e9)
+    for budget in (10**6, 120, 1):
+        cfg = small_config(micro_batch_tokens=budget, loss_agg=how, grad_clip=1e9)
         run, _ = start(cfg)
         before = weights(run.policy)
         optimizer = torch.optim.SGD(run.policy.parameters(), lr=1.0)
         records.append(G.train_step(1, run, optimizer, G.Progress(), None, cfg))
         deltas.append({name: value - before[name] for name, value in weights(run.policy).items()})
     assert records[0]["grad_norm"] > 0
-    assert records[1]["loss"] == pytest.approx(records[0]["loss"], rel=1e-4, abs=1e-7)
-    assert records[1]["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-4)
-    for name, delta in deltas[0].items():
-        torch.testing.assert_close(deltas[1][name], delta, rtol=1e-3, atol=1e-7, msg=name)
+    assert records[0]["micro_batches"] == 1 < records[1]["micro_batches"] < records[2]["micro_batches"]
+    for record, delta in zip(records[1:], deltas[1:]):
+        assert record["loss"] == pytest.approx(records[0]["loss"], rel=1e-4, abs=1e-7)
+        assert record["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-4)
+        for name, expected in deltas[0].items():
+            torch.testing.assert_close(delta[name], expected, rtol=1e-3, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -191,7 +195,7 @@ def test_step_with_reference_adds_the_kl_to_its_policy(monkeypatch):
 def test_masked_step_gives_answers_that_ran_out_of_budget_no_weight(monkeypatch):
     """--mask-truncated: an answer that neither wrote </answer> nor eos weighs 0; every other token keeps a
     weight, and the token weights of the step still sum to 1."""
-    cfg = small_config(mask_truncated=True, max_answer_tokens=20, micro_batch=2)
+    cfg = small_config(mask_truncated=True, max_answer_tokens=20, micro_batch_tokens=150)
     run, optimizer = start(cfg)
     spy = Spy(monkeypatch)
     G.train_step(1, run, optimizer, G.Progress(), None, cfg)

@@ -51,13 +51,13 @@ def flat_loss(model, tree, thought_adv, answer_adv, how):
     return sum(thought_means) / len(thought_means) + sum(s / n for s, n in per_answer) / len(per_answer)
 
 
-def tree_loss(model, tree, thought_adv, answer_adv, how, micro_batch):
-    """grpo_ma's path: loss weights over the whole step, then one backward per micro-batch."""
+def tree_loss(model, tree, thought_adv, answer_adv, how, budget):
+    """grpo_ma's path: loss weights over the whole step, then one backward per micro-batch of at most
+    `budget` padded tokens."""
     cfg = G.Config(beta=0.0, temperature=TEMPERATURE)
     weights = G.loss_weights(tree, how)
-    slots = tree.thought_slots()
     total = 0.0
-    for part in G.group_rows(slots, micro_batch or len(slots)):
+    for part in G.pack_thoughts(tree, budget):
         batch = G.build_tree_batch(tree, part, thought_adv, answer_adv, weights, 0, "cpu")
         logps = G.tree_logprobs(model, batch, TEMPERATURE)
         loss, _ = G.grpo_ma_loss(logps, logps.detach(), None, batch.advantages, batch.weights, 0.0, cfg)
@@ -74,8 +74,8 @@ def gradients(model):
 
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("how", ["token", "sequence"])
-@pytest.mark.parametrize("micro_batch", [1, 2, 0])
-def test_tree_update_equals_flat_update(tokenizer, model, m, how, micro_batch):
+@pytest.mark.parametrize("budget", [1, 40, 10**6])
+def test_tree_update_equals_flat_update(tokenizer, model, m, how, budget):
     tree = ragged_tree(tokenizer, prompts=2, k=3, m=m)
     gen = torch.Generator().manual_seed(1)
     thought_adv = torch.randn(2, 3, generator=gen)
@@ -84,13 +84,32 @@ def test_tree_update_equals_flat_update(tokenizer, model, m, how, micro_batch):
     expected = flat_loss(model, tree, thought_adv, answer_adv, how)
     expected.backward()
     flat_grads = gradients(model)
-    got = tree_loss(model, tree, thought_adv, answer_adv, how, micro_batch)
+    got = tree_loss(model, tree, thought_adv, answer_adv, how, budget)
     tree_grads = gradients(model)
     assert abs(got - expected.item()) < 1e-5 * max(1.0, abs(expected.item()))
     assert flat_grads.keys() == tree_grads.keys()
     for name, grad in flat_grads.items():
         torch.testing.assert_close(tree_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert any(g.abs().sum() > 0 for g in flat_grads.values())
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_packs_hold_whole_thoughts_in_order_within_the_budget_and_fall_in_number_as_it_grows(tokenizer, m):
+    tree = ragged_tree(tokenizer, prompts=3, k=4, m=m, seed=2)
+    zeros = torch.zeros(3, 4, m)
+    weights = G.loss_weights(tree, "token")
+    counts = []
+    for budget in (1, 30, 60, 120, 10**6):
+        packs = G.pack_thoughts(tree, budget)
+        assert sum(packs, []) == tree.thought_slots()
+        for pack in packs:  # what the forward gets: the batch's padded tensors
+            batch = G.build_tree_batch(tree, pack, zeros[..., 0], zeros, weights, 0, "cpu")
+            size = batch.prompt_ids.numel() + batch.thought_ids.numel() + batch.answer_ids.numel()
+            assert size == G.padded_tokens(tree, pack)
+            assert size <= budget or len(pack) == 1
+        counts.append(len(packs))
+    assert counts[0] == len(tree.thought_slots()) and counts[-1] == 1
+    assert counts == sorted(counts, reverse=True) and len(set(counts)) >= 4
 
 
 def test_tree_logprobs_equal_log_softmax_of_full_rows_at_the_next_token(tokenizer, model):
@@ -119,16 +138,19 @@ def test_tree_logprobs_equal_log_softmax_of_full_rows_at_the_next_token(tokenize
 
 def test_chunked_logprobs_equal_one_log_softmax_and_its_gradient():
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(37, 11, generator=gen, requires_grad=True)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden = torch.randn(37, 6, generator=gen, requires_grad=True)
     targets = torch.randint(0, 11, (37,), generator=gen)
-    chunked = G.selected_logprobs(logits, targets, 0.5, chunk=5)
+    chunked = G.selected_logprobs(hidden, head, targets, 0.5, chunk=5)
     (chunked * torch.arange(37.0)).sum().backward()
-    chunked_grad = logits.grad.clone()
-    logits.grad = None
-    whole = torch.log_softmax(logits / 0.5, -1).gather(-1, targets[:, None])[:, 0]
+    chunked_grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = None
+    whole = torch.log_softmax(hidden @ head.weight.T / 0.5, -1).gather(-1, targets[:, None])[:, 0]
     (whole * torch.arange(37.0)).sum().backward()
     torch.testing.assert_close(chunked, whole)
-    torch.testing.assert_close(chunked_grad, logits.grad)
+    torch.testing.assert_close(chunked_grads[0], hidden.grad)
+    torch.testing.assert_close(chunked_grads[1], head.weight.grad)
 
 
 def trl_loss_at_m1(model, tree, advantages, how, max_length):
