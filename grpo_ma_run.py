@@ -424,7 +424,7 @@ def run_in_folder(cfg: RunConfig, run: G.Run, out: Path) -> dict:
         if rank == 0 and not cfg.lora_rank:
             torch.save(run.policy.state_dict(), out / "reference.pt")  # the start policy, for a resume
         if rank == 0 and G.saves_base(cfg):
-            G.save_base(run, out)
+            G.save_model(run, out / G.BASE)
     base = base_identity(run.policy, cfg, out) if cfg.lora_rank else None
     G.add_adapters(run, cfg, out)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]

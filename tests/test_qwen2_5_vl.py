@@ -132,16 +132,16 @@ def lora_run(qwen25, tmp_path_factory):
     run = dict(lora_rank=4, steps=2, warmup_steps=0, lr=1e-2, eval_size=2, device="cpu", out=str(out))
     cfg = G.Config(model=str(start), **sizes, **run)
     references, saved = [], {}
-    real_reference, real_save_final = G.reference_logprobs, G.save_final
+    real_reference, real_save_model = G.reference_logprobs, G.save_model
 
     def record_reference(reference, batch, cfg):
         logps = real_reference(reference, batch, cfg)
         references.append((batch, logps))
         return logps
 
-    def record_policy(run, cfg, out):
+    def record_policy(run, folder, model=None):
         saved["policy"] = run.policy
-        return real_save_final(run, cfg, out)
+        return real_save_model(run, folder, model)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the run tried to reach the network")
@@ -149,7 +149,7 @@ def lora_run(qwen25, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", refuse)  # the no_network fixture, at module scope
         patch.setattr(G, "reference_logprobs", record_reference)
-        patch.setattr(G, "save_final", record_policy)
+        patch.setattr(G, "save_model", record_policy)
         G.train(cfg, counting_examples(1, 6), counting_examples(2, 2), [(answer_text_hash, 1.0)])
     return start, out, saved["policy"].eval(), references
 
