@@ -249,23 +249,32 @@ def assert_cached_sampling_equals_plain_generate(model, tokenizer, processor, ex
 
 
 def assert_tree_forward_equals_plain_forwards(model, tokenizer, processor, examples) -> dict:
-    """A vision-language model's tree forward (each prefix once, its cache repeated for the M answers, answer
-    positions continued from the prefix's last M-RoPE position) scores and differentiates as a plain
-    forward of every full row, in which the model computes its own positions. Returns the gradients."""
+    """A vision-language model's tree forward (each prompt once with its image, its cache repeated for its
+    thoughts, each thought's for its answers, positions continued from the parent's last M-RoPE position)
+    scores and differentiates as a plain forward of every full row, in which the model computes its own
+    positions: in one micro-batch, and with the first prompt's thoughts split over two. Returns the
+    gradients."""
     tree = vlm_tree(tokenizer, processor, examples)
     gen = torch.Generator().manual_seed(2)
     slots = tree.thought_slots()
+    thought_adv, answer_adv = torch.randn(3, 2, generator=gen), torch.randn(3, 2, 3, generator=gen)
     weights = G.loss_weights(tree, "token")
-    batch = G.build_tree_batch(tree, slots, torch.zeros(3, 2), torch.zeros(3, 2, 3), weights, 0, "cpu")
-    mix = torch.randn(batch.weights.shape, generator=gen)  # a loss that weighs every token differently
+
+    def tree_pass(packs):
+        """Sum of advantage * log-prob over every counted token, one backward per micro-batch."""
+        model.zero_grad(set_to_none=True)
+        logps = []
+        for pack in packs:
+            batch = G.build_tree_batch(tree, pack, thought_adv, answer_adv, weights, 0, "cpu")
+            logps.append(G.tree_logprobs(model, batch, 1.0))
+            (batch.advantages * logps[-1]).sum().backward()
+        return logps, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    (got,), tree_grads = tree_pass([slots])
+    _, split_grads = tree_pass([slots[:1], slots[1:]])
 
     model.zero_grad(set_to_none=True)
-    got = G.tree_logprobs(model, batch, 1.0)
-    (mix * got).sum().backward()
-    tree_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    model.zero_grad(set_to_none=True)
-    thought_logps, answer_logps = [], []
+    thought_logps, answer_logps, loss = [], [], 0.0
     for p, k in slots:
         for m, answer in enumerate(tree.answer_ids[p][k]):
             context = tree.prefix(p, k)
@@ -276,14 +285,17 @@ def assert_tree_forward_equals_plain_forwards(model, tokenizer, processor, examp
             if m == 0:  # a thought's tokens count once
                 start = len(tree.prompt_ids[p]) - 1
                 thought_logps.append(row[start : start + len(tree.thought_ids[p][k])])
+                loss = loss + thought_adv[p, k] * thought_logps[-1].sum()
             answer_logps.append(row[len(context) - 1 :])
+            loss = loss + answer_adv[p, k, m] * answer_logps[-1].sum()
     expected = torch.cat(thought_logps + answer_logps)
-    (mix * expected).sum().backward()
+    loss.backward()
     flat_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert tree_grads.keys() == flat_grads.keys()
-    for name, grad in flat_grads.items():
-        torch.testing.assert_close(tree_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for grads in (tree_grads, split_grads):
+        assert grads.keys() == flat_grads.keys()
+        for name, grad in flat_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     return flat_grads
