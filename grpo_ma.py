@@ -14,6 +14,7 @@ days: checkpoints, resume, several GPUs.
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -402,41 +403,81 @@ def cut_at_stop(ids: list[int], tokenizer, stop: str) -> tuple[list[int], str]:
     return ids[:high], "stop"
 
 
+@functools.lru_cache
+def stop_at(tokenizer, stop: str) -> Callable:
+    """generate()'s stopping criterion, built once per tokenizer: rows (B, L) -> (B,) whether a row ends with
+    the ids of `stop`, a tensor compare (stop_strings would match text, after building tables over the whole
+    vocabulary). A marker spelt by other tokens no longer stops its row early; `cut_at_stop` still cuts it."""
+    marker = torch.tensor(tokenizer.encode(stop, add_special_tokens=False))
+
+    def ends_with_marker(rows: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        last = F.pad(rows, (len(marker), 0), value=-1)[:, -len(marker) :]  # -1: a row shorter than the marker
+        return (last == marker.to(rows.device)).all(-1)
+
+    return ends_with_marker
+
+
 @torch.no_grad()
-def sample_continuations(
-    model, tokenizer, prefixes, n: int, budget: int, stop: str, cfg: Config, do_sample: bool, vision=None
-) -> list[tuple[list[int], str]]:
-    """n continuations of every prefix, cut by `cut_at_stop`, drawn from exactly softmax(logits / T)
-    (every knob a checkpoint's generation_config may set is pinned). Each prefix (with its images,
-    `vision` [B]) is prefilled ONCE and its KV cache repeated n times. Returns (ids, how it ended),
-    prefix-major: continuation j of prefix i is i*n+j."""
+def read_prefixes(model, tokenizer, prefixes: list[list[int]], vision=None):
+    """Left-pad the prefixes (with their images, `vision` [B]) and prefill all but their last token, ONCE for
+    all their samples. Returns ids and mask (B, L) and the KV cache of their first L - 1 columns."""
     from transformers import DynamicCache
 
     ids, mask = left_pad(prefixes, tokenizer.pad_token_id, model.device)
+    cache = DynamicCache(config=model.config)
+    if ids.shape[1] > 1:
+        inputs = model_inputs(model, ids[:, :-1], mask[:, :-1], vision)
+        model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+    return ids, mask, cache
+
+
+@torch.no_grad()
+def sample_rows(model, tokenizer, ids, mask, cache, n: int, budget: int, stop: str, cfg, do_sample: bool):
+    """n continuations of every row of ids and mask (B, L), drawn from exactly softmax(logits / T) (every knob
+    a checkpoint's generation_config may set is pinned), cut by `cut_at_stop`. `cache` holds the rows' first
+    columns: repeated n times, never recomputed, it then holds every column of the B*n rows but the last.
+    Returns (ids, how it ended) row-major (continuation j of row i is i*n+j), and the B*n rows with their
+    continuations: ids and mask (1 on the tokens kept)."""
     if do_sample:
         kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
     else:
         kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     kwargs |= dict(max_new_tokens=budget, repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id)
-    stop_ids = tokenizer.encode(stop, add_special_tokens=False)
-    if len(stop_ids) == 1:  # a one-token marker ends a row as eos does: nothing to match per step
-        kwargs["eos_token_id"] = [tokenizer.eos_token_id, *stop_ids]
-    else:  # transformers matches the text, whichever tokens spell it
-        kwargs |= dict(eos_token_id=tokenizer.eos_token_id, stop_strings=[stop], tokenizer=tokenizer)
+    kwargs |= dict(eos_token_id=tokenizer.eos_token_id, stopping_criteria=[stop_at(tokenizer, stop)])
     # a VLM never writes an image marker: one in a thought would read as an image that is not there
     markers = [getattr(model.config, f"{name}_token_id", None) for name in VISION_MARKERS]
     kwargs["suppress_tokens"] = [token for token in markers if token is not None]
-    if ids.shape[1] > 1:  # all but the last token: generate() feeds that one and continues the cache
-        kwargs["cache"] = DynamicCache(config=model.config)
-        inputs = model_inputs(model, ids[:, :-1], mask[:, :-1], vision)
-        model(**inputs, cache=kwargs["cache"], use_cache=True, logits_to_keep=1)
-        kwargs["cache"].batch_repeat_interleave(n)
-        for module in model.modules():  # a VLM's rope offsets follow its rows (see `model_inputs`)
-            if getattr(module, "rope_deltas", None) is not None:
-                module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
+    cache.batch_repeat_interleave(n)
+    for module in model.modules():  # a VLM's rope offsets follow its rows (see `model_inputs`)
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
     ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-    new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
-    return [cut_at_stop(row, tokenizer, stop) for row in new.tolist()]
+    rows = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kwargs)
+    continuations = [cut_at_stop(row, tokenizer, stop) for row in rows[:, ids.shape[1] :].tolist()]
+    lengths = torch.tensor([len(kept) for kept, _ in continuations], device=rows.device)
+    kept = torch.arange(rows.shape[1] - ids.shape[1], device=rows.device) < lengths[:, None]
+    return continuations, rows, torch.cat([mask, kept.long()], 1)
+
+
+def sample_continuations(
+    model, tokenizer, prefixes, n: int, budget: int, stop: str, cfg: Config, do_sample: bool, vision=None
+) -> list[tuple[list[int], str]]:
+    """n continuations of every prefix (with its images, `vision` [B]), as `sample_rows` returns them."""
+    ids, mask, cache = read_prefixes(model, tokenizer, prefixes, vision)
+    return sample_rows(model, tokenizer, ids, mask, cache, n, budget, stop, cfg, do_sample)[0]
+
+
+def continue_after(ids, mask, cache, tails: list[list[int]], pad_id: int):
+    """Rows (B, L) continued by `tails` [B] after their last kept token (mask 1), never read again: the mask
+    hides the cached columns past a row's end, and generate() counts positions along the mask (M-RoPE: plus
+    the row's rope delta), so holes shift nothing. The last kept token is fed again before its tail, as the
+    next token comes from its logits, which no cache holds. Returns ids and mask (B, C + tail), C cached."""
+    columns = cache.get_seq_length()
+    last = mask.cumsum(1).argmax(1, keepdim=True)  # (B, 1) a row's last kept column
+    heads = ids.gather(1, last).squeeze(1).tolist()
+    tail_ids, tail_mask = left_pad([[head, *tail] for head, tail in zip(heads, tails)], pad_id, ids.device)
+    mask = torch.cat([mask.scatter(1, last, 0)[:, :columns], tail_mask], 1)
+    return torch.cat([ids[:, :columns], tail_ids], 1), mask
 
 
 def sample_tree(
@@ -444,22 +485,22 @@ def sample_tree(
 ) -> Tree:
     """GRPO-MA's two-stage rollout: K thoughts per prompt, then M answers per thought. A thought that
     ended by eos or budget is closed by appending </think> (never trained on). A sampled eos stays in
-    the thought and is trained on: dropped, nothing would teach the policy not to end a thought.
-    `vision`: [P] each prompt's image inputs (or None) for a vision-language model."""
+    the thought and is trained on: dropped, nothing would teach the policy not to end a thought. Answers
+    continue the thoughts' KV cache. `vision`: [P] each prompt's image inputs (or None) for a VLM."""
     was_training = model.training
     model.eval()
     close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
+    ids, mask, cache = read_prefixes(model, tokenizer, prompt_ids, vision)
     budget = cfg.max_thought_tokens
-    thoughts = sample_continuations(
-        model, tokenizer, prompt_ids, k, budget, THINK_CLOSE, cfg, do_sample, vision
+    thoughts, ids, mask = sample_rows(
+        model, tokenizer, ids, mask, cache, k, budget, THINK_CLOSE, cfg, do_sample
     )
-    sampled = [ids for ids, _ in thoughts]
+    sampled = [thought for thought, _ in thoughts]
     forced = [[] if ended == "stop" else close for _, ended in thoughts]
     tree = Tree(prompt_ids, group_rows(sampled, k), group_rows(forced, k), [], [], [], [], vision or [])
-    prefixes = [tree.prefix(p, j) for p, j in tree.thought_slots()]
-    rows = [tree.vision[p] for p, _ in tree.thought_slots()] if tree.vision else None
+    ids, mask = continue_after(ids, mask, cache, forced, tokenizer.pad_token_id)
     budget = cfg.max_answer_tokens
-    answers = sample_continuations(model, tokenizer, prefixes, m, budget, ANSWER_CLOSE, cfg, do_sample, rows)
+    answers, _, _ = sample_rows(model, tokenizer, ids, mask, cache, m, budget, ANSWER_CLOSE, cfg, do_sample)
     model.train(was_training)
     tree.answer_ids = group_rows(group_rows([ids for ids, _ in answers], m), k)
     tree.answer_ended = group_rows(group_rows([ended for _, ended in answers], m), k)

@@ -108,47 +108,6 @@ def test_cut_at_stop_keeps_the_token_that_completes_the_marker(tokenizer):
 # ------------------------------------------------------------------------------------------------
 # the tree: every answer continues its own prompt and thought
 # ------------------------------------------------------------------------------------------------
-def test_sample_tree_pairs_every_answer_with_the_thought_it_continues(tokenizer, monkeypatch):
-    """sample_continuations replaced by a stand-in whose continuations name the prefix they continue and their
-    copy index; thoughts of copy 1 end by eos (kept: it is trained on, then closed by force), the others close
-    themselves."""
-    close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
-    eos = tokenizer.eos_token_id
-    digit = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-    calls = []
-
-    def labelled_continuations(model, tok, prefixes, n, budget, stop, cfg, do_sample, vision=None):
-        calls.append([list(prefix) for prefix in prefixes])
-        out = []
-        for i, _ in enumerate(prefixes):
-            for j in range(n):
-                if stop == G.THINK_CLOSE:
-                    out.append(
-                        ([digit[i], digit[j], eos], "eos")
-                        if j == 1
-                        else ([digit[i], digit[j], *close], "stop")
-                    )
-                else:
-                    out.append(([digit[i], digit[j]], "budget"))
-        return out
-
-    monkeypatch.setattr(G, "sample_continuations", labelled_continuations)
-    prompt_ids = [[digit[5], digit[5]], [digit[6]], [digit[7], digit[8], digit[9]]]
-    tree = G.sample_tree(torch.nn.Linear(1, 1), tokenizer, prompt_ids, 3, 2, G.Config())
-    assert calls[0] == prompt_ids
-    for p in range(3):
-        for k in range(3):
-            assert tree.thought_ids[p][k] == [digit[p], digit[k]] + ([eos] if k == 1 else close)
-            assert tree.forced_close[p][k] == (close if k == 1 else [])
-            assert tree.thoughts[p][k] == f"{p}{k}{G.THINK_CLOSE}"
-            prefix = prompt_ids[p] + [digit[p], digit[k]] + ([eos] if k == 1 else []) + close
-            for m in range(2):
-                i, j = tree.answer_ids[p][k][m]  # the index of the prefix it continued, and its copy
-                assert calls[1][digit.index(i)] == prefix and digit.index(j) == m
-                assert tree.answers[p][k][m] == tokenizer.decode(tree.answer_ids[p][k][m])
-    assert len(calls[1]) == 9
-
-
 def test_greedy_tree_continues_each_prompt_and_each_thought(tokenizer):
     """With greedy decoding, every thought is what generate() writes after its own prompt alone, and every
     answer what it writes after that prompt and thought alone."""

@@ -1,0 +1,292 @@
+"""Stage 2 continues stage 1's KV cache: the answers sampled after each thought's cached rows (ended rows
+masked, their last token fed again with the forced close) are token for token those of re-encoding every
+prompt + thought (+ forced </think>), kept here as the reference, greedy and sampled, for the embedded model
+and for a vision-language Qwen2-VL (M-RoPE). And the stop check compares token ids instead of matching
+text."""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+import grpo_ma as G
+from demos import counting_vlm as C
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference: sampling as it was, every answer prefix left-padded and read again
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reencoding_continuations(model, tokenizer, prefixes, n, budget, stop, cfg, do_sample, vision=None):
+    """grpo_ma.sample_continuations before the change: text stop strings for a marker of several tokens."""
+    from transformers import DynamicCache
+
+    ids, mask = G.left_pad(prefixes, tokenizer.pad_token_id, model.device)
+    if do_sample:
+        kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+    else:
+        kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    kwargs |= dict(max_new_tokens=budget, repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id)
+    stop_ids = tokenizer.encode(stop, add_special_tokens=False)
+    if len(stop_ids) == 1:
+        kwargs["eos_token_id"] = [tokenizer.eos_token_id, *stop_ids]
+    else:
+        kwargs |= dict(eos_token_id=tokenizer.eos_token_id, stop_strings=[stop], tokenizer=tokenizer)
+    markers = [getattr(model.config, f"{name}_token_id", None) for name in G.VISION_MARKERS]
+    kwargs["suppress_tokens"] = [token for token in markers if token is not None]
+    if ids.shape[1] > 1:
+        kwargs["cache"] = DynamicCache(config=model.config)
+        inputs = G.model_inputs(model, ids[:, :-1], mask[:, :-1], vision)
+        model(**inputs, cache=kwargs["cache"], use_cache=True, logits_to_keep=1)
+        kwargs["cache"].batch_repeat_interleave(n)
+        for module in model.modules():
+            if getattr(module, "rope_deltas", None) is not None:
+                module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
+    ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+    new = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
+    return [G.cut_at_stop(row, tokenizer, stop) for row in new.tolist()]
+
+
+def reencoding_tree(model, tokenizer, prompt_ids, k, m, cfg, do_sample=True, vision=None):
+    """grpo_ma.sample_tree before the change: stage 2 left-pads and prefills every prompt + thought again."""
+    model.eval()
+    close = tokenizer.encode(G.THINK_CLOSE, add_special_tokens=False)
+    thoughts = reencoding_continuations(
+        model, tokenizer, prompt_ids, k, cfg.max_thought_tokens, G.THINK_CLOSE, cfg, do_sample, vision
+    )
+    sampled = [ids for ids, _ in thoughts]
+    forced = [[] if ended == "stop" else close for _, ended in thoughts]
+    tree = G.Tree(prompt_ids, G.group_rows(sampled, k), G.group_rows(forced, k), [], [], [], [], vision or [])
+    prefixes = [tree.prefix(p, j) for p, j in tree.thought_slots()]
+    rows = [tree.vision[p] for p, _ in tree.thought_slots()] if tree.vision else None
+    answers = reencoding_continuations(
+        model, tokenizer, prefixes, m, cfg.max_answer_tokens, G.ANSWER_CLOSE, cfg, do_sample, rows
+    )
+    tree.answer_ids = G.group_rows(G.group_rows([ids for ids, _ in answers], m), k)
+    tree.answer_ended = G.group_rows(G.group_rows([ended for _, ended in answers], m), k)
+    texts = tokenizer.batch_decode([s + f for s, f in zip(sampled, forced)], skip_special_tokens=True)
+    tree.thoughts = G.group_rows(texts, k)
+    texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)
+    tree.answers = G.group_rows(G.group_rows(texts, m), k)
+    return tree
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+TREE_FIELDS = ("thought_ids", "forced_close", "answer_ids", "answer_ended", "thoughts", "answers")
+
+
+def recorded_logits(model, monkeypatch) -> list:
+    """Make model.generate record each call's logits (rows, new tokens, V) in the list returned."""
+    real_generate = model.generate
+    calls = []
+
+    def generate_and_record(**kwargs):
+        out = real_generate(**kwargs, output_logits=True, return_dict_in_generate=True)
+        calls.append(torch.stack(out.logits, 1))
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate_and_record)
+    return calls
+
+
+def both_trees(model, tokenizer, prompt_ids, k, m, cfg, do_sample, monkeypatch, vision=None, seed=0):
+    """The cached tree and the re-encoding one from the same seed, and each one's logits per generate call."""
+    with monkeypatch.context() as patch:
+        calls = recorded_logits(model, patch)
+        torch.manual_seed(seed)
+        got = G.sample_tree(model, tokenizer, prompt_ids, k, m, cfg, do_sample, vision)
+        got_logits = list(calls)
+        calls.clear()
+        torch.manual_seed(seed)
+        expected = reencoding_tree(model, tokenizer, prompt_ids, k, m, cfg, do_sample, vision)
+    return got, expected, got_logits, list(calls)
+
+
+def assert_same_tree(got, expected, got_logits, expected_logits):
+    """Same tokens, texts and endings; and every sampled step's log-probs within float rounding (a wrong
+    position or an unmasked column would move them even where the argmax does not move)."""
+    for name in TREE_FIELDS:
+        assert getattr(got, name) == getattr(expected, name), name
+    for got_step, expected_step in zip(got_logits, expected_logits):
+        assert got_step.shape == expected_step.shape
+        torch.testing.assert_close(
+            torch.log_softmax(got_step, -1), torch.log_softmax(expected_step, -1), rtol=0, atol=1e-4
+        )
+
+
+def endings(tree) -> tuple[Counter, Counter]:
+    """How the thoughts ended ('stop', or 'forced': eos or budget) and how the answers did."""
+    thoughts = Counter("forced" if tree.forced_close[p][k] else "stop" for p, k in tree.thought_slots())
+    answers = Counter(tree.answer_ended[p][k][m] for p, k, m in tree.answer_slots())
+    return thoughts, answers
+
+
+def prefer_after(model, token: int, preferred: int):
+    """A forward hook making `preferred` the likeliest next token wherever the model was fed `token`: thoughts
+    then close (or end by eos) at steps that depend on what they wrote."""
+
+    def prefer(module, args, kwargs, output):
+        fed = kwargs["input_ids"][:, -output.logits.shape[1] :]
+        output.logits[..., preferred] += 30.0 * (fed == token)
+        return output
+
+    return model.register_forward_hook(prefer, with_kwargs=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the embedded model, warmed up so that it closes its thoughts and answers at different steps
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def warm(one_torch_thread):
+    """The embedded model after 40 warm-up steps (it writes the format), and six held-out prompts."""
+    cfg = G.Config(warmup_steps=40)
+    run = G.start_run(cfg)
+    G.supervised_warmup(run, cfg)
+    examples = G.sample_examples(random.Random(5), "addsub", 6, held_out=True)
+    _, prompt_ids, _ = G.encode_prompts(run.tokenizer, examples)
+    return run.policy.eval(), run.tokenizer, prompt_ids
+
+
+@pytest.mark.parametrize(("k", "m"), [(3, 1), (2, 3)], ids=["M=1", "M=3"])
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_answers_continued_from_the_thought_cache_equal_answers_from_re_encoded_prefixes(
+    warm, monkeypatch, k, m, do_sample
+):
+    """Thoughts that closed themselves at different steps (masked holes after them) and thoughts closed by
+    force (budget); the same seed draws the same tokens on both paths. A hook closes a thought after its first
+    "2", else the warmed-up model closes every greedy thought at the same step."""
+    model, tokenizer, prompt_ids = warm
+    cfg = G.Config(max_thought_tokens=8, max_answer_tokens=3, temperature=1.0)
+    hook = prefer_after(
+        model, tokenizer.convert_tokens_to_ids("2"), tokenizer.convert_tokens_to_ids(G.THINK_CLOSE)
+    )
+    try:
+        got, expected, got_logits, expected_logits = both_trees(
+            model, tokenizer, prompt_ids, k, m, cfg, do_sample, monkeypatch
+        )
+    finally:
+        hook.remove()
+    assert_same_tree(got, expected, got_logits, expected_logits)
+    thoughts, answers = endings(got)
+    assert thoughts["stop"] and thoughts["forced"] and answers["stop"]
+    assert len({len(got.thought_ids[p][j]) for p, j in got.thought_slots()}) > 1
+
+
+def test_thoughts_ended_by_eos_continue_after_their_eos_and_forced_close(warm, monkeypatch):
+    model, tokenizer, prompt_ids = warm
+    cfg = G.Config(max_thought_tokens=16, max_answer_tokens=5)
+    hook = prefer_after(model, tokenizer.convert_tokens_to_ids("7"), tokenizer.eos_token_id)
+    try:
+        got, expected, got_logits, expected_logits = both_trees(
+            model, tokenizer, prompt_ids, 2, 2, cfg, False, monkeypatch
+        )
+    finally:
+        hook.remove()
+    assert_same_tree(got, expected, got_logits, expected_logits)
+    eos = tokenizer.eos_token_id
+    assert any(got.thought_ids[p][k][-1:] == [eos] for p, k in got.thought_slots())
+    assert any(got.forced_close[p][k] == [] for p, k in got.thought_slots())
+
+
+def test_one_token_prompts_and_one_token_budgets_continue_the_cache(tiny_model, tokenizer, monkeypatch):
+    """The edges of the cache: prompts of one token (nothing prefilled before generate), thoughts of one token
+    (every last thought token outside the cache), answers of one token."""
+    prompts = [tokenizer.encode(text, add_special_tokens=False) for text in ("7", "=", "1")]
+    cfg = G.Config(max_thought_tokens=1, max_answer_tokens=1)
+    for do_sample in (False, True):
+        got, expected, got_logits, expected_logits = both_trees(
+            tiny_model, tokenizer, prompts, 2, 2, cfg, do_sample, monkeypatch
+        )
+        assert_same_tree(got, expected, got_logits, expected_logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stop check: token ids, not text
+# ------------------------------------------------------------------------------------------------
+def test_the_stop_check_is_built_once_per_tokenizer(tokenizer):
+    assert G.stop_at(tokenizer, G.ANSWER_CLOSE) is G.stop_at(tokenizer, G.ANSWER_CLOSE)
+    assert G.stop_at(tokenizer, G.ANSWER_CLOSE) is not G.stop_at(tokenizer, G.THINK_CLOSE)
+
+
+def test_the_stop_check_stops_a_row_whose_last_tokens_are_the_marker(tokenizer):
+    rows = [tokenizer.encode(text, add_special_tokens=False) for text in ("12+1;", "3;+1;", "1;2+;", "1:11;")]
+    stop = G.stop_at(tokenizer, "1;")  # a marker of two tokens
+    assert stop(torch.tensor(rows), None).tolist() == [True, True, False, True]
+    assert stop(torch.tensor([rows[0][-1:]]), None).tolist() == [False]  # shorter than the marker
+
+
+def test_a_marker_spelt_by_other_tokens_does_not_stop_the_row_but_is_still_cut(tokenizer):
+    """The marker "answer" (six character tokens) also appears inside the one token <answer>: the tensor
+    compare does not stop that row, and cut_at_stop, which reads the text, still ends it right after it."""
+    digits = tokenizer.encode("12", add_special_tokens=False)
+    row = digits + tokenizer.encode(G.ANSWER_OPEN, add_special_tokens=False)
+    assert len(tokenizer.encode("answer", add_special_tokens=False)) == 6 and len(row) == 3
+    assert G.stop_at(tokenizer, "answer")(torch.tensor([row]), None).tolist() == [False]
+    assert G.cut_at_stop(row + digits, tokenizer, "answer") == (row, "stop")
+
+
+def test_a_marker_of_several_tokens_stops_where_stop_strings_stops(tokenizer, monkeypatch):
+    """For a marker of two tokens, the tensor compare ends rows at the step at which transformers' text
+    matcher ends them: the same tokens and the same number of generate steps."""
+    torch.manual_seed(3)
+    model = G.build_embedded_model(tokenizer).eval()
+    with torch.no_grad():  # larger weights than the init's: rows that differ
+        for weight in model.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0, 0.2)
+    prefixes = [tokenizer.encode(text, add_special_tokens=False) for text in ("7+3=?", "12-4=?", "9=?")]
+    stop, cfg = "j4", G.Config()  # the third prefix's greedy row writes it at its 7th and 8th tokens
+    assert len(tokenizer.encode(stop, add_special_tokens=False)) == 2
+    got = G.sample_continuations(model, tokenizer, prefixes, 2, 12, stop, cfg, False)
+    expected = reencoding_continuations(model, tokenizer, prefixes, 2, 12, stop, cfg, False)
+    assert got == expected and [ended for _, ended in got].count("stop") == 2
+    calls = recorded_logits(model, monkeypatch)
+    G.sample_continuations(model, tokenizer, prefixes[2:], 2, 12, stop, cfg, False)
+    reencoding_continuations(model, tokenizer, prefixes[2:], 2, 12, stop, cfg, False)
+    assert calls[0].shape[1] == calls[1].shape[1] == 8  # both stopped after the marker, not at 12
+
+
+# ------------------------------------------------------------------------------------------------
+# a vision-language model: positions are M-RoPE's, continued from each row's rope delta
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vlm(one_torch_thread):
+    """test_vlm.py's tiny Qwen2-VL, with two prompts of different lengths and their images."""
+    torch.manual_seed(0)
+    tokenizer = C.build_vlm_tokenizer()
+    tokenizer.padding_side = "left"
+    processor = C.build_vlm_processor(tokenizer)
+    model = C.build_tiny_vlm(tokenizer).eval()
+    with torch.no_grad():  # larger language weights than the init's: thoughts that depend on the prompt
+        for name, weight in model.named_parameters():
+            if weight.dim() > 1 and "visual" not in name:
+                weight.normal_(0, 0.2)
+    rng = random.Random(0)
+    examples = []
+    while len({e.question for e in examples}) < 2:  # two question lengths at least
+        fields = C.make_counting_example(rng)
+        fields.pop("description")
+        examples.append(G.Example(**fields))
+    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples[-3:], processor)
+    return model, tokenizer, prompt_ids, vision
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_vlm_answers_continued_from_the_thought_cache_equal_answers_from_re_encoded_prefixes(
+    vlm, monkeypatch, do_sample
+):
+    """Rows with images, thoughts closed at different steps and by force: positions after the masked holes are
+    M-RoPE's, read from each row's rope delta; the log-probs of every step match the re-encoding path's."""
+    model, tokenizer, prompt_ids, vision = vlm
+    cfg = G.Config(max_thought_tokens=8, max_answer_tokens=4, temperature=1.0)
+    got, expected, got_logits, expected_logits = both_trees(
+        model, tokenizer, prompt_ids, 2, 3, cfg, do_sample, monkeypatch, vision
+    )
+    assert_same_tree(got, expected, got_logits, expected_logits)
+    thoughts, _ = endings(got)
+    assert thoughts["stop"] and thoughts["forced"]
