@@ -171,7 +171,9 @@ def figure_budget(
     for marker, budget in zip(("*", "P", "X"), budgets):
         feasible = np.where(cost <= budget, variance, np.inf)
         i, j = np.unravel_index(np.argmin(feasible), feasible.shape)
-        exact = bd.best_allocation(budget, thought_len, answer_len, ratio, mean=MEAN, ddof=DDOF)
+        exact = bd.best_allocation(
+            budget, thought_len, answer_len, ratio, mean=MEAN, ddof=DDOF, objective="variance"
+        )
         best[budget] = {
             "grid": bd.config_name(thoughts_list[i], answers_list[j]),
             "exact": exact.name,

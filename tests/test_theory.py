@@ -2,7 +2,9 @@
 their scaling, and Monte Carlo through the trainer's `ma_advantages` against them. Monte Carlo examples are
 derandomized and bounded in number."""
 
+import contextlib
 import functools
+import io
 import itertools
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from scipy import stats
 from theory import budget as bd
 from theory import checks
 from theory import closed_form as cf
+from theory import gradient as gr
 from theory import symbolic as sy
 from theory.__main__ import main as theory_main
 from theory.monte_carlo import estimate_variance, monte_carlo_variance
@@ -343,9 +346,11 @@ def test_token_cost_counts_each_thought_once_and_every_answer():
     answer_len=st.integers(5, 200),
     ratio=st.floats(0.25, 8.0),
 )
-def test_best_allocation_fits_and_beats_every_other_fitting_tree(budget, thought_len, answer_len, ratio):
+def test_variance_best_allocation_fits_and_beats_every_other_fitting_tree(
+    budget, thought_len, answer_len, ratio
+):
     assume(bd.token_cost(3, 1, thought_len, answer_len) <= budget)
-    best = bd.best_allocation(budget, thought_len, answer_len, ratio, max_thoughts=64)
+    best = bd.best_allocation(budget, thought_len, answer_len, ratio, objective="variance", max_thoughts=64)
     assert best.tokens <= budget
     for thoughts, answers in ((3, 1), (4, 4), (8, 2), (16, 1)):
         if bd.token_cost(thoughts, answers, thought_len, answer_len) <= budget:
@@ -405,3 +410,162 @@ def test_variance_figures_fast_mode_writes_every_file(tmp_path):
         assert (tmp_path / "out" / f"{name}.png").stat().st_size > 0
         assert (tmp_path / "out" / f"{name}.pdf").stat().st_size > 0
     assert (tmp_path / "results" / "variance.json").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# claim 7: the gradient's signal-to-noise per token (theory/gradient.py), the planner's objective
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mean, ratio", checks.GRADIENT_SETTINGS)
+def test_gradient_snr_within_stated_accuracy_of_monte_carlo(mean, ratio):
+    """theory/README.md, claim 7: for distinct texts and K*M >= 16 the closed-form SNR is within
+    checks.GRADIENT_TOLERANCE (8%) of Monte Carlo through `grpo_ma.ma_advantages` (plus its 99.9%
+    interval), on the sweep's trees and three more."""
+    for name, error, half_width in checks.gradient_snr_errors(checks.FAST, mean, ratio, gr.NO_REPEATS):
+        assert abs(error) <= checks.GRADIENT_TOLERANCE + half_width, (name, error, half_width)
+
+
+@pytest.mark.parametrize("mean, ratio", checks.REPEAT_SETTINGS)
+def test_gradient_snr_with_repeated_texts_within_stated_accuracy(mean, ratio):
+    """With repeated texts (thoughts 0.3, right answers 1, wrong answers 0.25, as measured on the embedded
+    task) the closed form is within checks.REPEAT_TOLERANCE (12%) of Monte Carlo."""
+    rows = checks.gradient_snr_errors(checks.FAST, mean, ratio, checks.MEASURED_REPEATS)
+    for name, error, half_width in rows:
+        assert abs(error) <= checks.REPEAT_TOLERANCE + half_width, (name, error, half_width)
+
+
+@pytest.mark.parametrize("thoughts, answers", [(3, 2), (4, 4), (2, 9), (8, 3)])
+@pytest.mark.parametrize("repeats", [gr.NO_REPEATS, gr.Repeats(0.0, 1.0, 0.3)])
+def test_noise_terms_and_zero_signal_shares_are_exact(thoughts, answers, repeats):
+    """N_T, N_A (answer repeats included) and the all-equal shares are exact for Beta thought values and
+    Bernoulli answers: Monte Carlo (eps = 0) lies within its 99.9% interval."""
+    ratio, mean = 1.5, 0.35
+    sims = 60_000 // (thoughts * answers)
+    estimate = gr.monte_carlo_terms(thoughts, answers, ratio, mean, sims, seed=7, repeats=repeats, eps=0.0)
+    for name, exact in (
+        ("thought_noise", gr.thought_noise(thoughts, answers, ratio, mean, repeats)),
+        ("answer_noise", gr.answer_noise(thoughts, answers, ratio, mean, repeats)),
+    ):
+        assert abs(exact - estimate.values[name]) <= estimate.half_widths[name] + 1e-9, name
+    rng = np.random.default_rng(1)
+    mu, rewards, _, _ = gr.simulate_prompts(thoughts, answers, ratio, mean, 40_000, rng)
+    values = rewards.mean(-1)
+    for share, equal in (
+        (gr.zero_signal_thought_share(thoughts, answers, ratio, mean), np.ptp(values, -1) == 0),
+        (gr.zero_signal_answer_share(thoughts, answers, ratio, mean), np.ptp(rewards, (-2, -1)) == 0),
+    ):
+        half_width = 3.3 * np.sqrt(share * (1 - share) / len(equal))
+        assert abs(equal.mean() - share) <= half_width + 1e-9
+
+
+def test_gradient_snr_is_the_vector_gradient_in_high_dimension():
+    """The scalar terms are the simulated gradient g = sum A s + sum B u in R^D: |E g|^2 = S_T^2 + S_A^2 and
+    E|g - E g|^2 = D (L_t N_T + L_a N_A) + O(1) (the signal's own spread, < 1% here)."""
+    thoughts, answers, ratio, mean, dim = 4, 4, 2.0, 0.3, 8
+    repeats = checks.MEASURED_REPEATS
+    signal, signal_se, noise, noise_se = gr.vector_monte_carlo_snr(
+        thoughts, answers, 12.0, 3.0, ratio, mean, dim=dim, sims=20_000, seed=5, repeats=repeats
+    )
+    terms = gr.monte_carlo_terms(thoughts, answers, ratio, mean, 100_000, seed=6, repeats=repeats).values
+    expected_signal = terms["thought_signal"] ** 2 + terms["answer_signal"] ** 2
+    expected_noise = dim * (12.0 * terms["thought_noise"] + 3.0 * terms["answer_noise"])
+    assert abs(signal - expected_signal) <= 3.3 * signal_se + 0.01 * expected_signal
+    assert abs(noise - expected_noise) <= 3.3 * noise_se + 0.01 * expected_noise
+
+
+@pytest.mark.parametrize("thoughts", [2, 3, 4, 8, 64])
+@pytest.mark.parametrize("ratio", [0.5, 2.0])
+def test_at_m1_answer_and_thought_signal_are_in_the_variance_ratio(thoughts, ratio):
+    """M = 1 is GRPO: one advantage A_k on the thought and on its answer, so S_A / S_T is
+    E[(R - mu) A] / E[(mu - mean) A] = E[sigma^2] / sigma_theta^2 = ratio, Jensen factors included
+    (the answer term's Satterthwaite c4(nu + 1) is then c4(K), the thought term's)."""
+    between, within = cf.beta_moments(ratio, 0.5)
+    thought = gr.thought_signal(thoughts, 1, between, within)
+    answer = gr.answer_signal(thoughts, 1, between, within)
+    assert np.isclose(answer / thought, ratio, rtol=1e-12)
+    estimate = gr.monte_carlo_terms(thoughts, 1, ratio, 0.5, 20_000, seed=thoughts, eps=0.0)
+    measured = estimate.values["answer_signal"] / estimate.values["thought_signal"]
+    assert np.isclose(measured, ratio, rtol=0.05)
+
+
+def test_c4_is_the_mean_sample_std_of_normal_values():
+    rng = np.random.default_rng(0)
+    for size in (2, 4, 16):
+        draws = rng.standard_normal((200_000, size)).std(1, ddof=1)
+        assert abs(draws.mean() - gr.c4(size)) <= 4 * draws.std() / np.sqrt(len(draws))
+
+
+def test_sympy_best_answers_for_the_thought_term_is_cochrans():
+    root, _ = gr.best_answers_for_thought_term()
+    ratio, thought_len, answer_len = sp.symbols("ratio L_t L_a", positive=True)
+    assert sp.simplify(root - sp.sqrt(ratio * thought_len / answer_len)) == 0
+    limit = gr.thought_term_large_k_limit()
+    between, within, m = sp.symbols("s2 E M", positive=True)
+    expected = between**2 * m / ((between * m + within) * thought_len * (thought_len + m * answer_len))
+    assert sp.simplify(limit - expected) == 0
+
+
+def test_gradient_objective_weighs_thought_samples_against_answer_samples():
+    """Distinct texts: every answer is one more answer-level sample, so the gradient objective spends the
+    budget on answers (K = 2, the largest M). Right answers that repeat one text (c_1 = 1, as on the
+    embedded task) stop adding samples: where the thoughts carry the spread (ratio 0.2) it takes more
+    thoughts than the variance objective, and at the embedded task's measured setting its best M per K lies
+    inside the budget, not at the largest M."""
+    distinct = bd.best_allocation(2048, 200, 50, 0.2, max_thoughts=64)
+    assert (distinct.thoughts, distinct.answers) == (2, 16)
+    right_repeat = gr.Repeats(0.0, 1.0, 0.0)
+    repeated = bd.best_allocation(2048, 200, 50, 0.2, repeats=right_repeat, max_thoughts=64)
+    variance_best = bd.best_allocation(2048, 200, 50, 0.2, objective="variance", max_thoughts=64)
+    assert repeated.thoughts > variance_best.thoughts
+    assert repeated.gradient.thought_share > 0.5
+    rows = bd.allocations(280, 13.4, 3.4, 27.0, mean=0.175, repeats=checks.MEASURED_REPEATS, max_thoughts=16)
+    per_k = {}
+    for row in rows:
+        per_k.setdefault(row.thoughts, row)
+    largest_m = max(m for m in range(1, 100) if bd.token_cost(4, m, 13.4, 3.4) <= 280)
+    assert per_k[4].answers < largest_m
+
+
+@FAST
+@given(
+    budget=st.integers(200, 4000),
+    thought_len=st.integers(5, 200),
+    answer_len=st.integers(2, 60),
+    ratio=st.floats(0.25, 8.0),
+)
+def test_gradient_best_allocation_beats_every_other_fitting_tree(budget, thought_len, answer_len, ratio):
+    assume(bd.token_cost(2, 1, thought_len, answer_len) <= budget)
+    best = bd.best_allocation(budget, thought_len, answer_len, ratio, max_thoughts=32)
+    assert best.tokens <= budget
+    for thoughts, answers in ((2, 1), (3, 2), (4, 4), (8, 2), (16, 1)):
+        if bd.token_cost(thoughts, answers, thought_len, answer_len) <= budget:
+            other = gr.gradient_snr(thoughts, answers, thought_len, answer_len, ratio)
+            assert best.snr_per_token >= other.per_token
+
+
+def theory_cli(argv):
+    """`python -m theory ARGV` in this process; its printed output."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert theory_main(argv) == 0
+    return buffer.getvalue()
+
+
+def test_budget_command_ranks_by_the_gradient_and_says_why():
+    out = theory_cli(["budget", "--budget", "280", "--thought-len", "13.4", "--answer-len", "3.4"])
+    best = bd.best_allocation(280, 13.4, 3.4, 1.0)
+    assert f"best: {best.name}" in out
+    assert f"why {best.name}" in out and "thought values equal" in out
+    old = theory_cli(
+        [
+            "budget",
+            "--budget",
+            "2048",
+            "--thought-len",
+            "200",
+            "--answer-len",
+            "50",
+            "--objective",
+            "variance",
+        ]
+    )
+    assert f"best: {bd.best_allocation(2048, 200, 50, 1.0, objective='variance').name}" in old

@@ -1,4 +1,4 @@
-"""Claims 1-6 of theory/README.md as named checks. `python -m theory` prints one row per check and exits 1 if
+"""Claims 1-7 of theory/README.md as named checks. `python -m theory` prints one row per check and exits 1 if
 any fails; `python -m theory --fast` runs every check on a smaller grid with fewer samples (for CI).
 
 Setting of every numeric check (the trainer's defaults where it has one): thought values at the quantiles of
@@ -11,6 +11,11 @@ Every accuracy threshold is the accuracy that theory/README.md states, not a loo
 comparison passes when the formula lies within the stated accuracy of the estimate, widened by the estimate's
 own 99.9% half width; the sample sizes keep that half width below 1% of the variance in both settings,
 so a formula that is 3% off fails.
+
+Claim 7 (the gradient's signal-to-noise ratio, `theory.gradient`) draws random Beta thought values instead,
+at the (mean, ratio) pairs of GRADIENT_SETTINGS (distinct texts) and REPEAT_SETTINGS (texts repeated as on the
+embedded task), on the trees of GRADIENT_TREES, with eps = 0 (the closed forms' setting; the trainer's 1e-4
+moves the terms by less than 0.1%).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from scipy import stats
 
 import grpo_ma
 from theory import closed_form as cf
+from theory import gradient as gr
 from theory import symbolic as sy
 from theory.monte_carlo import VarianceEstimate, monte_carlo_variance
 
@@ -42,6 +48,14 @@ EXACT_MEAN_COEFFICIENT = (
 PER_THOUGHT_COEFFICIENT = 6.0  # per thought: |rel err| <= 6/M^2 (M >= 8)
 FLOOR_TOLERANCE = 0.005  # claims 5 and 6: Monte Carlo at K = 1024 vs the K -> oo floor
 LEADING_FLOOR_TOLERANCE = 0.002  # claim 4: leading order at K = 4096 vs its K -> oo floor
+# claim 7: the gradient's SNR (theory/gradient.py), closed form vs Monte Carlo of the same model
+GRADIENT_TOLERANCE = 0.08  # distinct texts, K*M >= 16, mean 0.3-0.5, ratio 0.7-2 (worst seen -7.2% +- 2.9%)
+REPEAT_TOLERANCE = 0.12  # with MEASURED_REPEATS
+MEASURED_REPEATS = gr.Repeats(thought=0.3, right_answer=1.0, wrong_answer=0.25)  # embedded task, rounded
+GRADIENT_SETTINGS = ((0.5, 2.0), (0.3, 2.0), (0.3, 0.7))  # (mean, ratio), distinct texts
+REPEAT_SETTINGS = ((0.3, 2.0), (0.175, 30.0))  # (mean, ratio), MEASURED_REPEATS
+GRADIENT_TREES = ((16, 1), (10, 4), (8, 6), (5, 12), (4, 16), (2, 36), (4, 4), (32, 2), (64, 8))
+GRADIENT_LENGTHS = (12.5, 3.5)  # L_t, L_a
 SMALL_M_K = (4, 16, 64)
 LADDER_K = 16
 LADDER_M = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -62,6 +76,7 @@ class Setting:
     large_k_samples: int  # thought samples per cell at K = LARGE_K
     table_samples: int  # thought samples per cell of the small-M table (no check reads it)
     enumeration: tuple[tuple[int, tuple[int, ...]], ...]  # (K, Ms) of the exact enumeration
+    gradient_rewards: int  # simulated rewards per cell of claim 7 (prompts = this / (K M), 2000 at least)
 
 
 FULL = Setting(
@@ -73,6 +88,7 @@ FULL = Setting(
     large_k_samples=1_000_000,
     table_samples=1_000_000,
     enumeration=((3, (1, 2, 4, 8, 16, 32, 64)), (4, (1, 2, 4, 8, 16, 32, 64)), (5, (1, 2, 4, 8, 16))),
+    gradient_rewards=1_000_000,
 )
 FAST = Setting(
     name="fast",
@@ -83,6 +99,7 @@ FAST = Setting(
     large_k_samples=600_000,
     table_samples=100_000,
     enumeration=((3, (1, 2, 4, 8, 16, 32)), (4, (1, 2, 4, 8, 16, 32)), (5, (1, 2, 4, 8, 16))),
+    gradient_rewards=200_000,
 )
 
 
@@ -521,6 +538,78 @@ def check_claim_6(report: Report, rng: np.random.Generator, setting: Setting) ->
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# Claim 7: the gradient's signal-to-noise ratio per token
+# ------------------------------------------------------------------------------------------------
+def gradient_snr_errors(setting: Setting, mean: float, ratio: float, repeats: gr.Repeats) -> list[tuple]:
+    """(tree, closed-form SNR / Monte Carlo SNR - 1, Monte Carlo relative 99.9% half width) per tree. The
+    half width adds the terms' relative half widths (twice for the squared signals): conservative."""
+    thought_len, answer_len = GRADIENT_LENGTHS
+    rows = []
+    for thoughts, answers in GRADIENT_TREES:
+        sims = max(setting.gradient_rewards // (thoughts * answers), 2000)  # big trees: 2000 prompts at least
+        seed = _seed("gradient", thoughts, answers, mean, ratio, repeats)
+        estimate = gr.monte_carlo_terms(
+            thoughts, answers, ratio, mean, sims, seed=seed, level=LEVEL, repeats=repeats, eps=0.0
+        )
+        v = estimate.values
+        h = estimate.half_widths
+        measured = gr.snr_from_terms(*v.values(), thought_len, answer_len)
+        closed = gr.gradient_snr(thoughts, answers, thought_len, answer_len, ratio, mean, repeats).snr
+        signal = v["thought_signal"] ** 2 + v["answer_signal"] ** 2
+        signal_hw = 2 * (
+            abs(v["thought_signal"]) * h["thought_signal"] + abs(v["answer_signal"]) * h["answer_signal"]
+        )
+        noise = thought_len * v["thought_noise"] + answer_len * v["answer_noise"]
+        noise_hw = thought_len * h["thought_noise"] + answer_len * h["answer_noise"]
+        rows.append((f"T{thoughts}A{answers}", closed / measured - 1, signal_hw / signal + noise_hw / noise))
+    return rows
+
+
+def check_claim_7(report: Report, setting: Setting) -> None:
+    """The closed-form gradient SNR against Monte Carlo of the same model through `grpo_ma.ma_advantages`,
+    with distinct texts and with the embedded task's repeated texts; sympy's best M for the thought term."""
+    lines = [
+        f"Claim 7: closed-form gradient SNR vs Monte Carlo ({setting.gradient_rewards} rewards per cell, "
+        f"L_t = {GRADIENT_LENGTHS[0]}, L_a = {GRADIENT_LENGTHS[1]}): relative error ±99.9% half width",
+    ]
+    for settings, repeats, tolerance, label in (
+        (GRADIENT_SETTINGS, gr.NO_REPEATS, GRADIENT_TOLERANCE, "distinct texts"),
+        (REPEAT_SETTINGS, MEASURED_REPEATS, REPEAT_TOLERANCE, "repeated texts (0.3, 1, 0.25)"),
+    ):
+        worst = ("", 0.0, 0.0)
+        passed = True
+        for mean, ratio in settings:
+            rows = gradient_snr_errors(setting, mean, ratio, repeats)
+            lines.append(
+                f"  mean {mean:g} ratio {ratio:g}, {label}: "
+                + " ".join(f"{name} {err:+.1%}±{hw:.1%}" for name, err, hw in rows)
+            )
+            for name, err, hw in rows:
+                passed = passed and abs(err) <= tolerance + hw
+                if abs(err) > abs(worst[1]):
+                    worst = (f"{name} (mean {mean:g}, ratio {ratio:g})", err, hw)
+        report.checks.append(
+            Check(
+                f"7 closed-form gradient SNR vs MC, {label}",
+                f"worst {worst[0]} {worst[1]:+.1%} ±{worst[2]:.1%}",
+                f"|err| <= {tolerance:.0%} + CI",
+                passed,
+            )
+        )
+    report.tables.append("\n".join(lines))
+    root, _ = gr.best_answers_for_thought_term()
+    ratio, thought_len, answer_len = sp.symbols("ratio L_t L_a", positive=True)
+    report.checks.append(
+        Check(
+            "7 sympy: best M of the thought term per token",
+            f"M* = {root}",
+            "= sqrt(ratio L_t/L_a)",
+            sp.simplify(root - sp.sqrt(ratio * thought_len / answer_len)) == 0,
+        )
+    )
+
+
 def small_m_table(setting: Setting) -> str:
     """Where the leading order departs: relative error of each formula against Monte Carlo at small M."""
     lines = [
@@ -548,6 +637,7 @@ def run_checks(setting: Setting = FULL) -> Report:
     check_claim_3(report)
     check_claims_4_5(report, setting)
     check_claim_6(report, rng, setting)
+    check_claim_7(report, setting)
     report.tables.append(small_m_table(setting))
     return report
 
@@ -578,7 +668,7 @@ def main(fast: bool = False) -> int:
     finally:
         torch.set_num_threads(threads)
     print(
-        f"Checks of claims 1-6 in theory/README.md ({setting.name} setting). "
+        f"Checks of claims 1-7 in theory/README.md ({setting.name} setting). "
         f"Thought values at Beta(1,1) quantiles (E[σ²]/σ_θ² = {RATIO:g}), Bernoulli answers, "
         f"ddof={DDOF}, eps={EPS:g}\n"
     )
