@@ -28,10 +28,10 @@ once for its M answers, in micro-batches of whole thoughts packed up to --micro-
 and log-probs are taken in float32 chunks, so activations are bounded by the budget, whatever
 --prompts-per-step is. What stays is the model state: float32
 weights, gradients and two AdamW moments plus the frozen float32 reference, 20 bytes a parameter (0.5B:
-~10 GB; 1.5B: ~31 GB). paper_figures/results/bench.md holds the measured peaks (`python -m
-paper_figures.bench`). The tree update cannot use transformers' per-layer gradient checkpointing, which drops
-the KV cache the answers are forwarded against; micro-batches bound the activations instead. Checkpoints hold
-weights and AdamW state: ~6 GB for 0.5B in float32 (--save-every).
+~10 GB; 1.5B: ~31 GB). `python -m paper_figures.bench` measures whole steps at this recipe's shape
+(paper_figures/results/bench.md). The tree update cannot use transformers' per-layer gradient checkpointing,
+which drops the KV cache the answers are forwarded against; micro-batches bound the activations instead.
+Checkpoints hold weights and AdamW state: ~6 GB for 0.5B in float32 (--save-every).
 """
 
 import argparse
