@@ -5,14 +5,16 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import grpo_ma
 from grpo_ma_run import RunConfig as Config  # every grpo_ma.Config field, and the run's
 from paper_figures import __main__ as pipeline
-from paper_figures import common, default_runs, plot_run, runs, tables, training, variance
+from paper_figures import common, default_runs, planner, plot_run, runs, tables, training, variance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,6 +162,7 @@ SCRIPTS = {
     "paper_figures.default_runs": default_runs.main,
     "paper_figures.tables": tables.main,
     "paper_figures.plot_run": plot_run.main,
+    "paper_figures.planner": planner.main,
 }
 
 
@@ -264,3 +267,115 @@ def test_plot_run_draws_a_metrics_file_that_grpo_ma_train_wrote(tiny_run):
     folder = next((paths["cache_dir"] / "runs").glob("*/metrics.jsonl")).parent
     assert plot_run.main([str(folder), "--output", str(paths["out_dir"] / "curves.png")]) == 0
     assert (paths["out_dir"] / "curves.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the planner sweep (paper_figures/planner.py): its pieces on synthetic numbers
+# ------------------------------------------------------------------------------------------------
+def test_planner_variance_components_recover_a_two_level_design():
+    """Thought values with variance 1/12 (Beta(1, 1)) and Bernoulli answers (E[sigma^2] = 1/6): the
+    decomposition subtracts the answer noise from the spread of the thought values."""
+    rng = np.random.default_rng(0)
+    mu = rng.random((4000, 4))
+    rewards = (rng.random((4000, 4, 8)) < mu[..., None]).astype(float)
+    parts = planner.variance_components(rewards)
+    assert abs(parts["between_var"] - 1 / 12) < 0.004
+    assert abs(parts["mean_within_var"] - 1 / 6) < 0.003
+    assert abs(parts["ratio"] - 2) < 0.15
+
+
+def test_planner_repeat_shares_count_pairs_of_identical_texts():
+    tree = SimpleNamespace(
+        thoughts=[["a", "a", "b"]],
+        answers=[[["x", "x", "y"], ["u", "v", "w"], ["z", "z", "z"]]],
+    )
+    rewards = np.array([[[1, 1, 0], [0, 0, 1], [0, 0, 0]]])
+    shares = planner.repeat_shares(tree, rewards)
+    assert shares == {"thought": 1 / 3, "right_answer": 1.0, "wrong_answer": 3 / 4}
+
+
+def test_planner_tables_and_figure_from_synthetic_runs(tmp_path):
+    """Predictions, rank correlations, the separation test, the markdown and the figure from made-up runs
+    whose gains follow the gradient objective exactly."""
+    inputs = {
+        "mean_accuracy": 0.2,
+        "mean_within_var": 0.13,
+        "between_var": 0.004,
+        "thought_len": 13.0,
+        "answer_len": 3.4,
+        "repeats": {"thought": 0.3, "right_answer": 1.0, "wrong_answer": 0.25},
+    }
+    inputs["ratio"] = inputs["mean_within_var"] * 0.7 / inputs["between_var"]
+    trees = planner.TREES
+    predicted = planner.predictions(inputs, trees)
+    order = sorted(predicted, key=lambda name: predicted[name]["gradient_snr_per_token"])
+    runs_ = [
+        {
+            "tree": name,
+            "seed": seed,
+            "gain_greedy": 0.01 * rank + 0.001 * seed,
+            "gain_sampled": 0.0,
+            "tokens_per_step": 2000.0,
+            "zero_std_thought_frac": 0.1,
+        }
+        for rank, name in enumerate(order)
+        for seed in range(3)
+    ]
+    gains = {name: [r["gain_greedy"] for r in runs_ if r["tree"] == name] for name in predicted}
+    summary = {name: planner.spread(values) for name, values in gains.items()}
+    correlations = planner.rank_correlations(predicted, summary, "gain_greedy")
+    assert correlations["gradient_snr_per_token"]["rho"] == pytest.approx(1.0)
+    separation = planner.separation(gains)
+    assert separation["best"] == order[-1] and separation["friedman_p"] < 0.05
+    sampled = {name: [0.01 * i, 0.02, 0.0] for i, name in enumerate(predicted)}
+    results = {
+        "plan": dataclasses.asdict(planner.FULL),
+        "seeds": [0, 1, 2],
+        "inputs": inputs,
+        "predictions": predicted,
+        "gains": {"gain_greedy": summary, "gain_sampled": {n: planner.spread(v) for n, v in sampled.items()}},
+        "separation": {"gain_greedy": separation, "gain_sampled": planner.separation(sampled)},
+        "spearman": {
+            "gain_greedy": correlations,
+            "gain_sampled": planner.rank_correlations(
+                predicted, {n: planner.spread(v) for n, v in sampled.items()}, "gain_sampled"
+            ),
+        },
+        "runs": runs_,
+    }
+    table = planner.markdown(results)
+    assert all(f"| {name} |" in table for name in predicted)
+    assert (planner.figure(results, tmp_path)).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_planner_sweep_end_to_end_on_tiny_settings(tmp_path, monkeypatch):
+    """Warm starts, inputs, runs and collection on a model too small to be right: the inputs are measured for
+    real, then replaced by a spread the planner can rank with (the tiny model has none)."""
+    measure = planner.measure_inputs
+
+    def measured(plan, seed, folder):
+        inputs = measure(plan, seed, folder)
+        assert set(inputs["repeats"]) == {"thought", "right_answer", "wrong_answer"}
+        return {**inputs, "mean_accuracy": 0.3, "mean_within_var": 0.15, "between_var": 0.05}
+
+    monkeypatch.setattr(planner, "measure_inputs", measured)
+    plan = dataclasses.replace(
+        planner.FULL,
+        trees=((4, 2), (2, 3), (3, 2)),
+        seeds=2,
+        steps=1,
+        warmup_steps=2,
+        max_start=1.0,
+        eval_size=4,
+        measure_prompts=2,
+        measure_tree=2,
+        base=(
+            ("warmup_batch", 4),
+            ("prompts_per_step", 1),
+            ("max_thought_tokens", 8),
+            ("max_answer_tokens", 4),
+        ),
+    )
+    results = planner.run_sweep(plan, tmp_path / "cache", say=lambda line: None)
+    assert len(results["runs"]) == 6 and set(results["predictions"]) == {"T4A2", "T2A3", "T3A2"}
