@@ -30,7 +30,7 @@ from grpo_ma_run import RunConfig as Config  # every grpo_ma.Config field, and t
 NOT_IN_KEY = frozenset({"out", "resume", "overwrite", "save_every", "device", "micro_batch_tokens"})
 # Bump to invalidate every cached run after a change to grpo_ma.py that changes results (the results file
 # lists the grpo_ma.py hash each run was made with; `collect` warns when it differs from the current file).
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 WARM_START_FIELDS = ("seed", "task", "warmup_steps", "warmup_lr", "warmup_batch")
 
 
