@@ -748,7 +748,7 @@ def padded_tokens(tree: Tree, slots: list[tuple[int, int]]) -> int:
     """A micro-batch's size as `build_tree_batch` lays it out: prompts, thoughts and answers, each
     level padded to its longest row."""
     prompts = {p for p, _ in slots}
-    thoughts = [len(tree.thought_ids[p][k] + tree.forced_close[p][k]) for p, k in slots]
+    thoughts = [len(tree.thought_ids[p][k]) + len(tree.forced_close[p][k]) for p, k in slots]
     answers = [len(ids) for p, k in slots for ids in tree.answer_ids[p][k]]
     width = max(len(tree.prompt_ids[p]) for p in prompts)
     return len(prompts) * width + len(thoughts) * max(thoughts) + len(answers) * max(answers, default=0)
@@ -768,7 +768,7 @@ def pack_thoughts(tree: Tree, budget: int) -> list[list[tuple[int, int]]]:
 def build_tree_batch(tree: Tree, slots, thought_adv, answer_adv, weights, pad_id: int, device) -> TreeBatch:
     """The micro-batch of thoughts `slots` [(p, k)] with their answers, advantages (thought_adv
     (P, K), answer_adv (P, K, M)) and `loss_weights`. A forced </think> is context, like the prompt."""
-    prompts = list(dict.fromkeys(p for p, _ in slots))
+    prompt_row = {p: row for row, p in enumerate(dict.fromkeys(p for p, _ in slots))}  # each prompt once
     thought_row = {slot: row for row, slot in enumerate(slots)}
     thoughts = [tree.thought_ids[p][k] + tree.forced_close[p][k] for p, k in slots]
     scored = [[True] * len(tree.thought_ids[p][k]) + [False] * len(tree.forced_close[p][k]) for p, k in slots]
@@ -782,17 +782,17 @@ def build_tree_batch(tree: Tree, slots, thought_adv, answer_adv, weights, pad_id
         return torch.tensor(values, device=device)
 
     return TreeBatch(
-        *left_pad([tree.prompt_ids[p] for p in prompts], pad_id, device),
+        *left_pad([tree.prompt_ids[p] for p in prompt_row], pad_id, device),
         thought_ids=tensor(right_pad(thoughts, pad_id)),
         thought_mask=tensor(right_pad([[True] * len(row) for row in thoughts], False)),
         thought_scored=tensor(right_pad(scored, False)),
-        thought_prompt=tensor([prompts.index(p) for p, _ in slots]),
+        thought_prompt=tensor([prompt_row[p] for p, _ in slots]),
         answer_ids=tensor(right_pad(rows, pad_id)),
         answer_mask=tensor(right_pad([[True] * len(row) for row in rows], False)),
         answer_thought=tensor([thought_row[p, k] for p, k, _ in answers]),
         advantages=tensor([a for a, _, n in per_token for _ in range(n)]).float(),
         weights=tensor([w for _, w, n in per_token for _ in range(n)]).float(),
-        vision=[tree.vision[p] for p in prompts] if tree.vision else [],
+        vision=[tree.vision[p] for p in prompt_row] if tree.vision else [],
     )
 
 

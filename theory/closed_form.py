@@ -35,6 +35,12 @@ from scipy import stats
 # ------------------------------------------------------------------------------------------------
 # The setting: thought values drawn from a Beta, Bernoulli answers
 # ------------------------------------------------------------------------------------------------
+def beta_parameters(ratio: float, mean: float = 0.5) -> tuple[float, float]:
+    """(a, b) = (mean*ratio, (1-mean)*ratio): the Beta of the thought values, E[sigma^2]/sigma_theta^2 =
+    ratio."""
+    return mean * ratio, (1 - mean) * ratio
+
+
 def beta_thought_values(
     thoughts: int,
     ratio: float,
@@ -50,8 +56,7 @@ def beta_thought_values(
     draw='quantile': mu_k = Beta quantile at (k + 1/2)/K, a fixed, evenly spread draw whose spread s_mu tends
     to sigma_theta as K grows (used for every table and figure); draw='random': K independent draws from rng.
     Returns shape (K,), sorted for 'quantile'."""
-    a = mean * ratio
-    b = (1 - mean) * ratio
+    a, b = beta_parameters(ratio, mean)
     if draw == "quantile":
         return stats.beta.ppf((np.arange(thoughts) + 0.5) / thoughts, a, b)
     if draw == "random":

@@ -84,15 +84,9 @@ NO_REPEATS = Repeats()
 # ------------------------------------------------------------------------------------------------
 # Exact for Beta thought values and Bernoulli answers: the zero-signal shares and the answer noise
 # ------------------------------------------------------------------------------------------------
-def beta_parameters(ratio: float, mean: float) -> tuple[float, float]:
-    """(a, b) = (mean*ratio, (1-mean)*ratio): the Beta of the thought values, E[sigma^2]/sigma_theta^2 =
-    ratio."""
-    return mean * ratio, (1 - mean) * ratio
-
-
 def right_count_pmf(answers: int, ratio: float, mean: float) -> np.ndarray:
     """P(a thought has c right answers of M), c = 0..M: Beta-binomial(M, a, b). (M+1,)."""
-    a, b = beta_parameters(ratio, mean)
+    a, b = cf.beta_parameters(ratio, mean)
     return stats.betabinom.pmf(np.arange(answers + 1), answers, a, b)
 
 
@@ -110,7 +104,7 @@ def zero_signal_thought_share(thoughts: int, answers: int, ratio: float, mean: f
 def zero_signal_answer_share(thoughts: int, answers: int, ratio: float, mean: float) -> float:
     """P_A = P(all K M rewards equal) = (E[mu^M])^K + (E[(1-mu)^M])^K, with the Beta moment
     E[mu^M] = prod_{i<M} (a + i)/(a + b + i). Such a group has B_km = 0: no answer-level gradient."""
-    a, b = beta_parameters(ratio, mean)
+    a, b = cf.beta_parameters(ratio, mean)
     steps = np.arange(answers)
     all_right = np.exp(np.log((a + steps) / (a + b + steps)).sum())
     all_wrong = np.exp(np.log((b + steps) / (a + b + steps)).sum())
@@ -401,7 +395,7 @@ def simulate_prompts(
     thoughts (two right answers, two wrong answers of one thought) are the same text with probability c.
     Returns mu (sims, K), rewards R (sims, K, M) ~ Bernoulli(mu_k), thought_copy (sims, K) and
     answer_copy (sims, K, M) booleans."""
-    a, b = beta_parameters(ratio, mean)
+    a, b = cf.beta_parameters(ratio, mean)
     thought_copy = rng.random((sims, thoughts)) < np.sqrt(repeats.thought)
     own_value = rng.beta(a, b, size=(sims, thoughts))
     shared_value = rng.beta(a, b, size=(sims, 1))
