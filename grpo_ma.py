@@ -1,14 +1,14 @@
 """GRPO-MA in one file: tree-style GRPO, K thoughts per prompt and M answers per thought.
 
 GRPO-MA (arXiv 2509.24494) samples K thoughts per prompt, then M answers per thought. A thought's
-value is the mean reward of its M answers, so its advantage is estimated from M signals instead of
-one; thought and answer tokens get separate advantages. `python grpo_ma.py` trains a small Qwen2 on a
-synthetic arithmetic task on a CPU.
+value is the mean reward of its M answers, so its advantage is estimated from M signals instead
+of one; thought and answer tokens get separate advantages. `python grpo_ma.py` trains a small
+Qwen2 on a synthetic arithmetic task on a CPU.
 
-The file reads in the order the algorithm runs: 1. config, 2. task and model, 3. two-stage sampling,
-4. rewards, 5. advantages, 6. loss on the tree, 7. train loop, 8. CLI. docs/algorithm.md states the
-algorithm and lists where this code departs from the paper. grpo_ma_run.py runs the same step for
-days: checkpoints, resume, several GPUs.
+The file reads in the order the algorithm runs: 1. config, 2. task and model, 3. two-stage
+sampling, 4. rewards, 5. advantages, 6. loss on the tree, 7. train loop, 8. CLI.
+docs/algorithm.md states the algorithm and where this code departs from the paper.
+grpo_ma_run.py runs the same step for days: checkpoints, resume, several GPUs.
 """
 
 import argparse
@@ -38,11 +38,10 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 FORMAT_MARKERS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 EMBEDDED = "embedded"
 MAX_ABS_REWARD = 1e150  # beyond this the float64 squares in the std overflow
-AGGREGATIONS = ("token", "sequence", "grpo", "dr_grpo")  # as TRL: dapo, -, grpo, dr_grpo
+AGGREGATIONS = ("token", "sequence", "grpo", "dr_grpo")  # TRL: dapo, -, grpo, dr_grpo
 TASK_FAMILIES = {"addsub": "+-", "muladd": "+-*"}  # the operators a problem draws from
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 VISION_MARKERS = ("image", "video", "vision_start", "vision_end")  # Qwen2-VL's <name>_token_id
-PROGRESS_BARS = True  # grpo_ma_run.py turns them off in every process but the first
 
 
 # ================================================================================================
@@ -83,7 +82,7 @@ class Config:
     kl_bias_correction: bool = setting(False, "weigh the KL term by the ratio (TRL)")
     mask_truncated: bool = setting(False, "leave answers that never closed out")
     # advantages
-    answer_pool: str = setting("all", "answer group: K*M answers or M", choices=("all", "thought"))
+    answer_pool: str = setting("all", "answer group: K*M or M", choices=("all", "thought"))
     scale_rewards: bool = setting(True, "divide by the group std (no: Dr. GRPO)")
     ddof: int = setting(1, "std's delta degrees of freedom", choices=(0, 1))
     # rewards
@@ -104,7 +103,7 @@ class Config:
     lora_targets: str = setting(LORA_TARGETS, "the modules LoRA adapts")
     freeze_vision: bool = setting(False, "never train a VLM's vision tower")
     device: str = setting("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    precision: str = setting("auto", "forwards: auto (bf16 on CUDA)", choices=("auto", "fp32", "bf16"))
+    precision: str = setting("auto", "auto: bf16 on CUDA", choices=("auto", "fp32", "bf16"))
     seed: int = setting(0, "seed of data, model and sampling")
     # the run's folder
     out: str = setting("runs/default", "output folder")
@@ -121,7 +120,8 @@ def flag(name: str) -> str:
 def validate_config(cfg: Config) -> None:
     """Reject, before any work, every setting that would fail later or give a wrong result."""
     for f in dataclasses.fields(cfg):
-        value, bounds = getattr(cfg, f.name), f.metadata
+        value = getattr(cfg, f.name)
+        bounds = f.metadata
         if "choices" in bounds and value not in bounds["choices"]:
             raise ValueError(f"{flag(f.name)} must be one of {bounds['choices']}, got {value!r}")
         if "low" in bounds and value < bounds["low"]:
@@ -138,10 +138,10 @@ def validate_config(cfg: Config) -> None:
         raise ValueError("--kl-schedule dynamic needs --steps >= 1")
     # a hub id is 'name' or 'org/name'; anything else is meant as a folder, which must exist
     path = Path(cfg.model).expanduser()
-    as_path = cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1 or path.exists()
-    if cfg.model != EMBEDDED and as_path and not path.is_dir():
+    is_path = cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1
+    if cfg.model != EMBEDDED and (is_path or path.exists()) and not path.is_dir():
         raise ValueError(f"--model {cfg.model}: no such folder")
-    reward_functions(cfg)  # raises on unknown names or a weight count that does not match
+    reward_functions(cfg)  # raises on unknown names or a wrong number of weights
 
 
 # ================================================================================================
@@ -160,8 +160,8 @@ STEP_PATTERN = re.compile(r"(\d+):(\d+)([-+*])(\d+)=(-?\d+);")  # "2:11-6=5;"
 
 
 def make_example(rng: random.Random, family: str) -> Example:
-    """A problem of 2-3 operations. The thought writes each intermediate result but the last: the
-    answer must apply the last operation, so one thought's answers can differ and carry signal."""
+    """A problem of 2-3 operations. The thought writes each result but the last, which the
+    answer must compute: one thought's answers can differ, so they carry signal."""
     value = rng.randint(1, 9)
     question, steps, key_steps = str(value), [], []
     for _ in range(rng.randint(2, 3)):
@@ -183,7 +183,7 @@ def make_example(rng: random.Random, family: str) -> Example:
 
 
 def sample_examples(rng: random.Random, family: str, n: int, held_out: bool) -> list[Example]:
-    """n examples of one split: a stable hash puts one question in five in the held-out split."""
+    """n examples of one split: a stable hash holds one question in five out of training."""
     examples = []
     while len(examples) < n:
         example = make_example(rng, family)
@@ -193,13 +193,12 @@ def sample_examples(rng: random.Random, family: str, n: int, held_out: bool) -> 
 
 
 def held_out_examples(cfg: Config, family: str | None = None) -> list[Example]:
-    """A run's evaluation set, fixed by the seed, never seen in training."""
     family = family or cfg.eval_task or cfg.task
     return sample_examples(random.Random(10_000 + cfg.seed), family, cfg.eval_size, held_out=True)
 
 
 def draw_examples(rng: random.Random, n: int, cfg: Config, pool: list | None) -> list[Example]:
-    """n training examples: from a recipe's pool, or fresh from the embedded generator."""
+    """n training examples: from a recipe's pool, or from the embedded generator."""
     if pool is not None:
         return rng.sample(pool, n)
     return sample_examples(rng, cfg.task, n, held_out=False)
@@ -212,8 +211,8 @@ SYSTEM_PROMPT = (
 
 
 def format_prompt(tokenizer, question: str, images: int = 0) -> str:
-    """The prompt ends with <think>: all the policy writes up to </think> is the thought. With images,
-    `tokenizer` is a processor whose chat template puts the image markers before the question."""
+    """The prompt ends with <think>: what the policy writes up to </think> is the thought. With
+    images, `tokenizer` is a processor; its chat template puts image markers before the text."""
     if not getattr(tokenizer, "chat_template", None):
         return f"{question}=?{THINK_OPEN}"
     content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
@@ -236,7 +235,8 @@ def build_char_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
     core.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    core.add_tokens([AddedToken(m, special=False, normalized=False) for m in FORMAT_MARKERS])
+    markers = [AddedToken(m, special=False, normalized=False) for m in FORMAT_MARKERS]
+    core.add_tokens(markers)
     names = dict(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     return PreTrainedTokenizerFast(tokenizer_object=core, **names)
 
@@ -245,10 +245,10 @@ def build_embedded_model(tokenizer):
     """A small Qwen2ForCausalLM from a Qwen2Config: Qwen2.5's architecture, 598,656 parameters."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    size = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, max_position_embeddings=128)
-    heads = dict(num_attention_heads=4, num_key_value_heads=2)
-    tokens = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    tokens["eos_token_id"] = tokenizer.eos_token_id
+    size = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3)
+    heads = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    tokens = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    tokens |= dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
     return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **size, **heads, **tokens))
 
 
@@ -257,15 +257,15 @@ def check_format_markers(tokenizer) -> None:
     for marker in FORMAT_MARKERS:
         ids = tokenizer.encode(marker, add_special_tokens=False)
         if tokenizer.decode(ids) != marker or tokenizer.unk_token_id in ids:
-            raise ValueError(f"tokenizer cannot write the format marker {marker!r} (encodes to {ids})")
+            raise ValueError(f"tokenizer cannot write the format marker {marker!r} ({ids})")
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token: answers could never end")
 
 
 def load_policy(cfg: Config, device: torch.device):
-    """The embedded model (no download), or a checkpoint through the same code: a causal LM, or a
-    vision-language model with the processor that reads images. A LoRA run's OUT/final loads as its
-    adapter merged into the base it names. Returns (model, tokenizer, processor or None)."""
+    """The embedded model (no download), or a checkpoint through the same code: a causal LM, or
+    a vision-language model with the processor that reads images. A LoRA run's OUT/final loads as
+    its adapter merged into the base it names. Returns (model, tokenizer, processor or None)."""
     import transformers as hf
 
     processor = None
@@ -275,17 +275,18 @@ def load_policy(cfg: Config, device: torch.device):
     else:
         try:
             adapter = Path(cfg.model).expanduser() / "adapter_config.json"
-            base = (
-                json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else cfg.model
-            )
-            # float32 master weights: AdamW on bf16 weights rounds away updates of lr ~1e-6
+            base = cfg.model
+            if adapter.is_file():
+                base = json.loads(adapter.read_text())["base_model_name_or_path"]
             if hasattr(hf.AutoConfig.from_pretrained(base), "vision_config"):
                 processor = hf.AutoProcessor.from_pretrained(cfg.model)
                 tokenizer = processor.tokenizer
-                model = hf.AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+                auto_model = hf.AutoModelForImageTextToText
             else:
                 tokenizer = hf.AutoTokenizer.from_pretrained(cfg.model)
-                model = hf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+                auto_model = hf.AutoModelForCausalLM
+            # float32 master weights: AdamW on bf16 weights rounds away updates of lr ~1e-6
+            model = auto_model.from_pretrained(base, dtype=torch.float32)
             if adapter.is_file():
                 from peft import PeftModel
 
@@ -301,7 +302,7 @@ def load_policy(cfg: Config, device: torch.device):
 
 
 def freeze_vision_tower(model) -> None:
-    """Stop training the vision tower (Qwen2-VL's `visual` module, adapters inside it included)."""
+    """Stop training the vision tower (Qwen2-VL's `visual` module, adapters in it included)."""
     frozen = [p for name, p in model.named_parameters() if "visual" in name.split(".")]
     if not frozen:
         raise ValueError("--freeze-vision: the model has no vision tower")
@@ -310,8 +311,8 @@ def freeze_vision_tower(model) -> None:
 
 
 def add_lora(model, cfg: Config):
-    """peft LoRA adapters on the attention and MLP projections: only they train, and the model with
-    `disable_adapter()` is the start policy, the KL reference (no second copy in memory)."""
+    """peft LoRA adapters on the attention and MLP projections: only they train, and the model
+    under `disable_adapter()` is the start policy, the KL reference (no second copy)."""
     from peft import LoraConfig, get_peft_model
 
     targets = [name.strip() for name in cfg.lora_targets.split(",") if name.strip()]
@@ -324,28 +325,25 @@ def add_lora(model, cfg: Config):
 # ================================================================================================
 @dataclass
 class Tree:
-    """One step's rollouts as nested lists: prompt p, its thought k, that thought's answer m. A
-    rollout's place in the (P, K, M) tree is its position in these lists; nothing else encodes it."""
+    """One step's rollouts as nested lists: prompt p, its thought k, that thought's answer m.
+    A rollout's place in the (P, K, M) tree is its position in these lists, nothing else."""
 
     prompt_ids: list[list[int]]  # [P][tokens]
-    thought_ids: list[list[list[int]]]  # [P][K][tokens] sampled, ends with </think> unless forced
-    forced_close: list[list[list[int]]]  # [P][K][tokens] </think> appended to a thought that never closed
+    thought_ids: list[list[list[int]]]  # [P][K][tokens] sampled, </think> unless forced
+    forced_close: list[list[list[int]]]  # [P][K][tokens] </think> added to an unclosed thought
     answer_ids: list[list[list[list[int]]]]  # [P][K][M][tokens] sampled
     thoughts: list[list[str]]  # [P][K] decoded, </think> included
     answers: list[list[list[str]]]  # [P][K][M] decoded
-    answer_ended: list = field(default_factory=list)  # [P][K][M] 'stop' (</answer>), 'eos', 'budget'
-    vision: list = field(default_factory=list)  # [P] a prompt's image inputs (`model_inputs`) or None
+    answer_ended: list = field(default_factory=list)  # [P][K][M] 'stop', 'eos' or 'budget'
+    vision: list = field(default_factory=list)  # [P] a prompt's image inputs, or None
 
     def thought_slots(self) -> list[tuple[int, int]]:
-        """Every (p, k), prompt-major: the order of thoughts in generate() and in micro-batches."""
+        """Every (p, k), prompt-major: the order of thoughts in generate() and micro-batches."""
         return [(p, k) for p, thoughts in enumerate(self.thought_ids) for k in range(len(thoughts))]
 
     def answer_slots(self) -> list[tuple[int, int, int]]:
-        return [(p, k, m) for p, k in self.thought_slots() for m in range(len(self.answer_ids[p][k]))]
-
-    def prefix(self, p: int, k: int) -> list[int]:
-        """Prompt + thought + forced close: what every answer of thought (p, k) continues."""
-        return self.prompt_ids[p] + self.thought_ids[p][k] + self.forced_close[p][k]
+        slots = self.thought_slots()
+        return [(p, k, m) for p, k in slots for m in range(len(self.answer_ids[p][k]))]
 
 
 def group_rows(rows: list, size: int) -> list[list]:
@@ -356,9 +354,9 @@ def group_rows(rows: list, size: int) -> list[list]:
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of token ids -> (ids, attention mask), both (B, width), padded on the left."""
     width = max(len(row) for row in rows)
-    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
-    return ids, mask
+    ids = [[pad_id] * (width - len(row)) + row for row in rows]
+    mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 def right_pad(rows: list[list], value) -> list[list]:
@@ -367,10 +365,9 @@ def right_pad(rows: list[list], value) -> list[list]:
 
 
 def model_inputs(model, ids: torch.Tensor, mask: torch.Tensor, vision: list | None = None) -> dict:
-    """Inputs of a left-padded batch (B, L) with explicit positions: a row's first real token is 0,
-    as generate() counts. A vision-language Qwen also takes its rows' images (`vision`: [B] image
-    inputs or None) and 3-D rotary positions (time, height, width: (3, B, L)) from its own
-    get_rope_index. The one place that knows about that model family."""
+    """Inputs of a left-padded batch (B, L), positions counted from a row's first real token,
+    as generate() counts. A vision-language Qwen also takes its rows' images (`vision`: [B]
+    image inputs or None) and 3-D rotary positions (3, B, L) from its own get_rope_index."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
     images = [row for row in vision or [] if row is not None]
@@ -380,15 +377,15 @@ def model_inputs(model, ids: torch.Tensor, mask: torch.Tensor, vision: list | No
     inputs["pixel_values"] = torch.cat([row["pixel_values"] for row in images]).to(ids.device)
     rope = next(module for module in model.modules() if hasattr(module, "get_rope_index"))
     image_tokens = (ids == model.config.image_token_id).int()
-    positions, deltas = rope.get_rope_index(ids, image_tokens, image_grid_thw=grid, attention_mask=mask)
+    positions, deltas = rope.get_rope_index(ids, image_tokens, grid, attention_mask=mask)
     rope.rope_deltas = deltas  # (B, 1): generate() continues each row's positions from these
     return inputs | dict(image_grid_thw=grid, position_ids=positions)
 
 
 def cut_at_stop(ids: list[int], tokenizer, stop: str) -> tuple[list[int], str]:
-    """Cut a generated row after the token that completes `stop`, or after eos, or keep it all.
-    Returns (ids, how it ended: 'stop', 'eos' or 'budget'). Once a prefix holds `stop` every longer
-    one does, so bisection finds the shortest: log2(length) decodes, not one per token."""
+    """Cut a generated row after the token that completes the text `stop`, or after eos.
+    Returns (ids, 'stop', 'eos' or 'budget'). Once a prefix holds `stop` every longer one
+    does, so bisection finds the shortest in log2(length) decodes."""
     eos = tokenizer.eos_token_id
     end = ids.index(eos) + 1 if eos in ids else len(ids) + 1
     if stop not in tokenizer.decode(ids[:end]):
@@ -405,13 +402,13 @@ def cut_at_stop(ids: list[int], tokenizer, stop: str) -> tuple[list[int], str]:
 
 @functools.lru_cache
 def stop_at(tokenizer, stop: str) -> Callable:
-    """generate()'s stopping criterion, built once per tokenizer: rows (B, L) -> (B,) whether a row ends with
-    the ids of `stop`, a tensor compare (stop_strings would match text, after building tables over the whole
-    vocabulary). A marker spelt by other tokens no longer stops its row early; `cut_at_stop` still cuts it."""
+    """generate()'s stopping criterion, built once per tokenizer: whether each row (B, L) ends
+    with the ids of `stop`, one tensor compare per token step. A marker spelt by other tokens
+    does not stop its row early; `cut_at_stop`, which reads the text, still cuts it."""
     marker = torch.tensor(tokenizer.encode(stop, add_special_tokens=False))
 
     def ends_with_marker(rows: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        last = F.pad(rows, (len(marker), 0), value=-1)[:, -len(marker) :]  # -1: a row shorter than the marker
+        last = F.pad(rows, (len(marker), 0), value=-1)[:, -len(marker) :]  # -1: a short row
         return (last == marker.to(rows.device)).all(-1)
 
     return ends_with_marker
@@ -419,8 +416,8 @@ def stop_at(tokenizer, stop: str) -> Callable:
 
 @torch.no_grad()
 def read_prefixes(model, tokenizer, prefixes: list[list[int]], vision=None):
-    """Left-pad the prefixes (with their images, `vision` [B]) and prefill all but their last token, ONCE for
-    all their samples. Returns ids and mask (B, L) and the KV cache of their first L - 1 columns."""
+    """Left-pad the prefixes (with their images, `vision` [B]) and read all but their last token
+    ONCE for all their samples. Returns ids, mask (B, L) and the KV cache of L - 1 columns."""
     from transformers import DynamicCache
 
     ids, mask = left_pad(prefixes, tokenizer.pad_token_id, model.device)
@@ -432,90 +429,87 @@ def read_prefixes(model, tokenizer, prefixes: list[list[int]], vision=None):
 
 
 @torch.no_grad()
-def sample_rows(model, tokenizer, ids, mask, cache, n: int, budget: int, stop: str, cfg, do_sample: bool):
-    """n continuations of every row of ids and mask (B, L), drawn from exactly softmax(logits / T) (every knob
-    a checkpoint's generation_config may set is pinned), cut by `cut_at_stop`. `cache` holds the rows' first
-    columns: repeated n times, never recomputed, it then holds every column of the B*n rows but the last.
-    Returns (ids, how it ended) row-major (continuation j of row i is i*n+j), and the B*n rows with their
-    continuations: ids and mask (1 on the tokens kept)."""
+def sample_rows(model, tokenizer, rows, cache, n: int, budget: int, stop: str, cfg, do_sample):
+    """n continuations of each row of rows = (ids, mask), (B, L), from exactly softmax(logits / T)
+    (every knob a checkpoint's generation_config may set is pinned), cut by `cut_at_stop`. The
+    cache of the rows' first columns is repeated n times, never recomputed.
+    Returns ([(ids, how it ended)] row-major: continuation j of row i is i*n+j, and the B*n rows
+    with their continuations: (ids, mask 1 on the kept tokens)); the cache then holds them."""
     if do_sample:
         kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
     else:
         kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-    kwargs |= dict(max_new_tokens=budget, repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id)
-    kwargs |= dict(eos_token_id=tokenizer.eos_token_id, stopping_criteria=[stop_at(tokenizer, stop)])
-    # a VLM never writes an image marker: one in a thought would read as an image that is not there
+    kwargs |= dict(
+        max_new_tokens=budget, repetition_penalty=1.0, stopping_criteria=[stop_at(tokenizer, stop)]
+    )
+    kwargs |= dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    # a VLM never writes an image marker: one in a thought would read as a missing image
     markers = [getattr(model.config, f"{name}_token_id", None) for name in VISION_MARKERS]
     kwargs["suppress_tokens"] = [token for token in markers if token is not None]
     cache.batch_repeat_interleave(n)
-    for module in model.modules():  # a VLM's rope offsets follow its rows (see `model_inputs`)
+    for module in model.modules():  # a VLM's rope offsets follow its rows (`model_inputs`)
         if getattr(module, "rope_deltas", None) is not None:
             module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
-    ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
-    rows = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kwargs)
-    continuations = [cut_at_stop(row, tokenizer, stop) for row in rows[:, ids.shape[1] :].tolist()]
-    lengths = torch.tensor([len(kept) for kept, _ in continuations], device=rows.device)
-    kept = torch.arange(rows.shape[1] - ids.shape[1], device=rows.device) < lengths[:, None]
-    return continuations, rows, torch.cat([mask, kept.long()], 1)
+    ids, mask = (part.repeat_interleave(n, dim=0) for part in rows)
+    out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kwargs)
+    new = out[:, ids.shape[1] :]
+    continuations = [cut_at_stop(row, tokenizer, stop) for row in new.tolist()]
+    lengths = torch.tensor([len(kept) for kept, _ in continuations], device=out.device)
+    kept = torch.arange(new.shape[1], device=out.device) < lengths[:, None]
+    return continuations, (out, torch.cat([mask, kept.long()], 1))
 
 
-def sample_continuations(
-    model, tokenizer, prefixes, n: int, budget: int, stop: str, cfg: Config, do_sample: bool, vision=None
-) -> list[tuple[list[int], str]]:
-    """n continuations of every prefix (with its images, `vision` [B]), as `sample_rows` returns them."""
-    ids, mask, cache = read_prefixes(model, tokenizer, prefixes, vision)
-    return sample_rows(model, tokenizer, ids, mask, cache, n, budget, stop, cfg, do_sample)[0]
-
-
-def continue_after(ids, mask, cache, tails: list[list[int]], pad_id: int):
-    """Rows (B, L) continued by `tails` [B] after their last kept token (mask 1), never read again: the mask
-    hides the cached columns past a row's end, and generate() counts positions along the mask (M-RoPE: plus
-    the row's rope delta), so holes shift nothing. The last kept token is fed again before its tail, as the
-    next token comes from its logits, which no cache holds. Returns ids and mask (B, C + tail), C cached."""
+def continue_after(rows, cache, tails: list[list[int]], pad_id: int):
+    """Rows (ids, mask), (B, L), continued by `tails` [B] after their last kept token (mask 1).
+    The mask hides the cached columns past a row's end; positions count along the mask, so the
+    holes shift nothing. The last kept token is fed again: its logits, which no cache holds,
+    give the next token. Returns (ids, mask), (B, C + tail) with C cached columns."""
+    ids, mask = rows
     columns = cache.get_seq_length()
     last = mask.cumsum(1).argmax(1, keepdim=True)  # (B, 1) a row's last kept column
     heads = ids.gather(1, last).squeeze(1).tolist()
-    tail_ids, tail_mask = left_pad([[head, *tail] for head, tail in zip(heads, tails)], pad_id, ids.device)
+    tail_rows = [[head, *tail] for head, tail in zip(heads, tails)]
+    tail_ids, tail_mask = left_pad(tail_rows, pad_id, ids.device)
     mask = torch.cat([mask.scatter(1, last, 0)[:, :columns], tail_mask], 1)
     return torch.cat([ids[:, :columns], tail_ids], 1), mask
 
 
-def sample_tree(
-    model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample: bool = True, vision=None
-) -> Tree:
-    """GRPO-MA's two-stage rollout: K thoughts per prompt, then M answers per thought. A thought that
-    ended by eos or budget is closed by appending </think> (never trained on). A sampled eos stays in
-    the thought and is trained on: dropped, nothing would teach the policy not to end a thought. Answers
-    continue the thoughts' KV cache. `vision`: [P] each prompt's image inputs (or None) for a VLM."""
+def sample_tree(model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample=True, vision=None):
+    """GRPO-MA's two-stage rollout: K thoughts per prompt, then M answers per thought, which
+    continue the thoughts' KV cache. A thought that ended by eos or budget is closed by appending
+    </think> (never trained on); a sampled eos stays in it and is trained on, or nothing would
+    teach the policy not to end a thought. `vision`: [P] image inputs (or None) for a VLM."""
     was_training = model.training
     model.eval()
     close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
     ids, mask, cache = read_prefixes(model, tokenizer, prompt_ids, vision)
     budget = cfg.max_thought_tokens
-    thoughts, ids, mask = sample_rows(
-        model, tokenizer, ids, mask, cache, k, budget, THINK_CLOSE, cfg, do_sample
-    )
-    sampled = [thought for thought, _ in thoughts]
+    thoughts, rows = sample_rows(model, tokenizer, (ids, mask), cache, k, budget, THINK_CLOSE, cfg, do_sample)
+    sampled = [ids for ids, _ in thoughts]
     forced = [[] if ended == "stop" else close for _, ended in thoughts]
-    tree = Tree(prompt_ids, group_rows(sampled, k), group_rows(forced, k), [], [], [], [], vision or [])
-    ids, mask = continue_after(ids, mask, cache, forced, tokenizer.pad_token_id)
+    rows = continue_after(rows, cache, forced, tokenizer.pad_token_id)
     budget = cfg.max_answer_tokens
-    answers, _, _ = sample_rows(model, tokenizer, ids, mask, cache, m, budget, ANSWER_CLOSE, cfg, do_sample)
+    answers, _ = sample_rows(model, tokenizer, rows, cache, m, budget, ANSWER_CLOSE, cfg, do_sample)
     model.train(was_training)
-    tree.answer_ids = group_rows(group_rows([ids for ids, _ in answers], m), k)
-    tree.answer_ended = group_rows(group_rows([ended for _, ended in answers], m), k)
-    texts = tokenizer.batch_decode([s + f for s, f in zip(sampled, forced)], skip_special_tokens=True)
-    tree.thoughts = group_rows(texts, k)
-    texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)
-    tree.answers = group_rows(group_rows(texts, m), k)
-    return tree
+    thought_texts = tokenizer.batch_decode([s + f for s, f in zip(sampled, forced)], skip_special_tokens=True)
+    answer_texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)
+    return Tree(
+        prompt_ids,
+        thought_ids=group_rows(sampled, k),
+        forced_close=group_rows(forced, k),
+        answer_ids=group_rows(group_rows([ids for ids, _ in answers], m), k),
+        thoughts=group_rows(thought_texts, k),
+        answers=group_rows(group_rows(answer_texts, m), k),
+        answer_ended=group_rows(group_rows([ended for _, ended in answers], m), k),
+        vision=vision or [],
+    )
 
 
 # ================================================================================================
 # 4. Rewards: R[k, m] = sum_f w_f * f(prompt, thought_k, answer_km, example)
 # ================================================================================================
 RewardFn = Callable[[list[str], list[str], list[str], list[Example]], Sequence[float]]
-# the number must fill the block: "<answer>18.5</answer>" is not 18 (an unclosed answer may just stop)
+# the number must fill the block: "<answer>18.5</answer>" is not 18 (an unclosed answer may stop)
 ANSWER_PATTERN = re.compile(re.escape(ANSWER_OPEN) + r"\s*(-?\d+)\s*(?:" + re.escape(ANSWER_CLOSE) + r"|$)")
 FORMAT_PATTERN = re.compile(re.escape(ANSWER_OPEN) + r"-?\d+" + re.escape(ANSWER_CLOSE))
 
@@ -558,8 +552,8 @@ def key_step_fraction(thought: str, key_steps: list[list[str]]) -> float:
 
 
 def reasoning_is_valid(thought: str, answer: str) -> bool:
-    """StepRVR (R1-VL): the thought closes and holds only steps "n:a op b=c;", numbered 1..n, each
-    from the previous result, and a closed answer block with a number follows."""
+    """StepRVR (R1-VL): the thought closes and holds only steps "n:a op b=c;", numbered 1..n,
+    each from the previous result, and a closed answer block with a number follows."""
     body = thought.removesuffix(THINK_CLOSE)
     steps = STEP_PATTERN.findall(body)
     return (
@@ -589,27 +583,25 @@ def steprvr(prompt, thought, answer, example) -> float:
 
 
 def reward_functions(cfg: Config) -> list[tuple[RewardFn, float]]:
-    registry = dict(
-        accuracy=accuracy, format=format_reward, steprar=make_steprar(cfg.step_alpha), steprvr=steprvr
-    )
+    registry = dict(accuracy=accuracy, format=format_reward, steprvr=steprvr)
+    registry["steprar"] = make_steprar(cfg.step_alpha)
     names = [name.strip() for name in cfg.reward.split(",") if name.strip()]
     unknown = [name for name in names if name not in registry]
     if not names or unknown:
         raise ValueError(f"--reward {cfg.reward!r}: unknown {unknown}; choose from {sorted(registry)}")
     try:
-        weights = (
-            [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(names)
-        )
+        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
     except ValueError:
         raise ValueError(f"--reward-weights {cfg.reward_weights!r}: expected numbers") from None
+    weights = weights or [1.0] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"--reward-weights has {len(weights)} values for {len(names)} reward functions")
+        raise ValueError(f"--reward-weights has {len(weights)} values for {len(names)} rewards")
     return [(registry[name], weight) for name, weight in zip(names, weights)]
 
 
 def score_answers(reward_fns, tree: Tree, examples: list[Example], prompts: list[str]) -> dict:
-    """R[p, k, m] = sum_f w_f * f(prompt_p, thought_pk, answer_pkm, example_p), each answer on its
-    own. Returns float32 (P, K, M) tensors: "total", and each function's values as "reward/<name>".
+    """R[p, k, m] = sum_f w_f * f(prompt_p, thought_pk, answer_pkm, example_p), each answer on
+    its own. Returns float32 (P, K, M) tensors: "total", and each f's values as "reward/<name>".
     A non-finite value or a wrong count is an error that names the function."""
     slots = tree.answer_slots()
     texts = [tree.answers[p][k][m] for p, k, m in slots]
@@ -624,7 +616,7 @@ def score_answers(reward_fns, tree: Tree, examples: list[Example], prompts: list
             raise ValueError(f"reward function {name!r} gave {len(values)} values for {len(slots)} answers")
         bad = [i for i, v in enumerate(values) if not np.isfinite(v)]
         if bad:
-            raise ValueError(f"reward function {name!r} gave {values[bad[0]]} for answer {texts[bad[0]]!r}")
+            raise ValueError(f"reward function {name!r} gave {values[bad[0]]} for {texts[bad[0]]!r}")
         scores[f"reward/{name}"] = torch.tensor(values, dtype=torch.float64).view(shape)
         scores["total"] += weight * scores[f"reward/{name}"]
     return {name: values.float() for name, values in scores.items()}
@@ -634,10 +626,10 @@ def score_answers(reward_fns, tree: Tree, examples: list[Example], prompts: list
 # 5. Advantages: one group-normalise helper, used at the thought and the answer level
 # ================================================================================================
 def group_normalise(values: torch.Tensor, *, scale: bool = True, ddof: int = 1, eps: float = 1e-4):
-    """A = (x - mean x) / (std x + eps) over the last dim in float64; scale=False: A = x - mean x.
-    A group of equal values gets exactly 0. The scaled A is computed in units of the group's range,
-    u = (x - min x) / (max x - min x), as (u - mean u) / (std u + eps / range): otherwise values a
-    few roundings apart round their mean onto one of them. (..., G) -> (..., G), dtype kept."""
+    """A = (x - mean x) / (std x + eps) over the last dim, in float64; scale=False: x - mean x.
+    A group of equal values gets exactly 0. Scaled, A is computed in units of the group's range,
+    u = (x - min x) / (max x - min x), as (u - mean u) / (std u + eps / range): otherwise values
+    a few roundings apart round their mean onto one of them. (..., G) -> (..., G), dtype kept."""
     if values.shape[-1] <= ddof:  # no std from one value: only a constant group can occur
         return torch.zeros_like(values)
     x = values.double()
@@ -688,19 +680,20 @@ def zero_std_groups(values: torch.Tensor) -> int:
 # ================================================================================================
 def loss_weights(tree: Tree, aggregation: str, counted=None, max_length: int = 1, total=None):
     """w_t of each thought's [P][K] and each answer's [P][K][M] tokens in loss = sum_t w_t * L_t,
-    fixed for the WHOLE step, so micro-batches change nothing. Answers not `counted` ([P][K][M]
+    fixed for the whole step, so micro-batches change nothing. Answers not `counted` ([P][K][M]
     bools) weigh 0; `total` sums the counts over processes. With N counted answers:
     token: 1 / counted tokens (a thought's counted once); GRPO's token mean at M = 1.
     sequence: 1 / (thoughts * its length), 1 / (N * its length): the paper's J_clip.
-    grpo: each path thought + answer weighs 1 / (N * its length), the thought's share split among
-    its M paths. dr_grpo: 1 / (N * max_length). grpo and dr_grpo are TRL's at M = 1."""
+    grpo: each path thought + answer weighs 1 / (N * its length), the thought's share split
+    among its M paths. dr_grpo: 1 / (N * max_length). grpo, dr_grpo: TRL's at M = 1."""
     counted = counted or [[[True] * len(by_k) for by_k in by_p] for by_p in tree.answer_ids]
     slots = tree.answer_slots()
     thought_len = {(p, k): len(tree.thought_ids[p][k]) for p, k in tree.thought_slots()}
     answer_len = {(p, k, m): len(tree.answer_ids[p][k][m]) for p, k, m in slots}
+    is_counted = {(p, k, m): counted[p][k][m] for p, k, m in slots}
     counts = {
-        "answers": sum(counted[p][k][m] for p, k, m in slots),
-        "tokens": sum(thought_len.values()) + sum(answer_len[s] * counted[s[0]][s[1]][s[2]] for s in slots),
+        "answers": sum(is_counted.values()),
+        "tokens": sum(thought_len.values()) + sum(answer_len[s] * is_counted[s] for s in slots),
         "thoughts": sum(n > 0 for n in thought_len.values()),  # an empty thought has no mean
     }
     n = {key: max(value, 1) for key, value in (total(counts) if total else counts).items()}
@@ -714,7 +707,7 @@ def loss_weights(tree: Tree, aggregation: str, counted=None, max_length: int = 1
             "grpo": 1 / (n["answers"] * max(thought + length, 1)),
             "dr_grpo": 1 / (n["answers"] * max_length),
         }[aggregation]
-        answer_w[p][k][m] = share * counted[p][k][m]
+        answer_w[p][k][m] = share * is_counted[p, k, m]
         if aggregation == "grpo":  # the mean of its M paths' shares
             thought_w[p][k] += answer_w[p][k][m] / len(answer_w[p][k])
         elif aggregation == "sequence":
@@ -726,27 +719,27 @@ def loss_weights(tree: Tree, aggregation: str, counted=None, max_length: int = 1
 
 @dataclass
 class TreeBatch:
-    """A micro-batch of whole thoughts with their answers, laid out as the tree: each prompt once,
-    each thought after its prompt, each answer after its thought. One advantage and one loss weight
-    per counted token, in tree_logprobs' order: thought tokens, then answer tokens."""
+    """A micro-batch of whole thoughts with their answers, laid out as the tree: each prompt
+    once, each thought after its prompt, each answer after its thought. One advantage and one
+    weight per counted token, in tree_logprobs' order: thought tokens, then answer tokens."""
 
     prompt_ids: torch.Tensor  # (P, Lp) left-padded
     prompt_mask: torch.Tensor  # (P, Lp)
     thought_ids: torch.Tensor  # (B, Lt) thought + forced close, right-padded
     thought_mask: torch.Tensor  # (B, Lt) bool: a real token
-    thought_scored: torch.Tensor  # (B, Lt) bool: a sampled thought token (not the forced close)
+    thought_scored: torch.Tensor  # (B, Lt) bool: a sampled thought token (not a forced close)
     thought_prompt: torch.Tensor  # (B,) the prompt row each thought continues
     answer_ids: torch.Tensor  # (A, La) right-padded, thought-major
     answer_mask: torch.Tensor  # (A, La) bool: a sampled answer token
     answer_thought: torch.Tensor  # (A,) the thought row each answer continues
-    advantages: torch.Tensor  # (Nt + Na,) A_thought on thought tokens, A_answer on answer tokens
+    advantages: torch.Tensor  # (Nt + Na,) A_thought on thought tokens, A_answer on answers'
     weights: torch.Tensor  # (Nt + Na,) each token's w_t
     vision: list = field(default_factory=list)  # [P] each prompt's image inputs, or empty
 
 
 def padded_tokens(tree: Tree, slots: list[tuple[int, int]]) -> int:
-    """A micro-batch's size as `build_tree_batch` lays it out: prompts, thoughts and answers, each
-    level padded to its longest row."""
+    """A micro-batch's size as `build_tree_batch` lays it out: prompts, thoughts and answers,
+    each level padded to its longest row."""
     prompts = {p for p, _ in slots}
     thoughts = [len(tree.thought_ids[p][k]) + len(tree.forced_close[p][k]) for p, k in slots]
     answers = [len(ids) for p, k in slots for ids in tree.answer_ids[p][k]]
@@ -756,7 +749,7 @@ def padded_tokens(tree: Tree, slots: list[tuple[int, int]]) -> int:
 
 def pack_thoughts(tree: Tree, budget: int) -> list[list[tuple[int, int]]]:
     """Whole thoughts with their answers, in tree order, into micro-batches of at most `budget`
-    padded tokens (a thought alone over it gets its own). Memory and speed change, the gradient not."""
+    padded tokens (a thought alone over it gets its own). Memory changes, the gradient not."""
     packs = [[]]
     for slot in tree.thought_slots():
         if packs[-1] and padded_tokens(tree, packs[-1] + [slot]) > budget:
@@ -768,7 +761,7 @@ def pack_thoughts(tree: Tree, budget: int) -> list[list[tuple[int, int]]]:
 def build_tree_batch(tree: Tree, slots, thought_adv, answer_adv, weights, pad_id: int, device) -> TreeBatch:
     """The micro-batch of thoughts `slots` [(p, k)] with their answers, advantages (thought_adv
     (P, K), answer_adv (P, K, M)) and `loss_weights`. A forced </think> is context, like the prompt."""
-    prompt_row = {p: row for row, p in enumerate(dict.fromkeys(p for p, _ in slots))}  # each prompt once
+    prompt_row = {p: row for row, p in enumerate(dict.fromkeys(p for p, _ in slots))}
     thought_row = {slot: row for row, slot in enumerate(slots)}
     thoughts = [tree.thought_ids[p][k] + tree.forced_close[p][k] for p, k in slots]
     scored = [[True] * len(tree.thought_ids[p][k]) + [False] * len(tree.forced_close[p][k]) for p, k in slots]
@@ -797,9 +790,9 @@ def build_tree_batch(tree: Tree, slots, thought_adv, answer_adv, weights, pad_id
 
 
 def selected_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, temperature: float, chunk: int = 0):
-    """log softmax(head(hidden) / T)[target] (as TRL, logits over the sampling temperature, so the
-    ratio compares the distribution that sampled), in float32, a chunk of rows at a time. Under
-    autograd each chunk is recomputed in the backward, so the logits (N, V) never exist at once.
+    """log softmax(head(hidden) / T)[target] in float32 (as TRL: over the sampling temperature,
+    so the ratio compares the distribution that sampled), a chunk of rows at a time, each
+    recomputed in the backward: the logits (N, V) never exist at once.
     hidden: (N, H), targets: (N,) -> (N,) float32."""
     chunk = chunk or max(1, 2**26 // head.out_features)  # about 256 MB of float32 logits
 
@@ -810,35 +803,34 @@ def selected_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, tempera
     parts = [hidden.new_zeros(0, dtype=torch.float32)]
     for start in range(0, hidden.shape[0], chunk):
         args = (hidden[start : start + chunk], targets[start : start + chunk])
-        grad = torch.is_grad_enabled()
-        parts.append(
-            checkpoint(chunk_logprobs, *args, use_reentrant=False) if grad else chunk_logprobs(*args)
-        )
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(chunk_logprobs(*args))
     return torch.cat(parts)
 
 
 def continue_rows(body, cache, parents, context_mask, context_end, ids, mask):
-    """Forward right-padded rows ids (B, L) that continue the cached rows `parents` (B,): the cache
-    keeps one copy of its parent per row, attention covers the parent's real tokens and the row's,
-    and positions count on from the parent's last, context_end ((P, 1), M-RoPE (3, P, 1)).
+    """Forward right-padded rows ids (B, L) that continue the cached rows `parents` (B,): the
+    cache keeps a copy of its parent per row, attention covers the parent's real tokens and the
+    row's, and positions count on from the parent's last, context_end ((P, 1), M-RoPE (3, P, 1)).
     Returns (hidden states (B, L, H), the attention mask so far (B, parent's width + L))."""
     cache.batch_select_indices(parents)
     attention = torch.cat([context_mask[parents], mask], 1).long()
-    steps = torch.arange(1, ids.shape[1] + 1, device=ids.device)
-    positions = context_end.index_select(-2, parents) + steps
+    positions = context_end.index_select(-2, parents) + torch.arange(1, ids.shape[1] + 1, device=ids.device)
     out = body(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True)
     return out.last_hidden_state, attention
 
 
 def tree_logprobs(model, batch: TreeBatch, temperature: float) -> torch.Tensor:
-    """log pi(token) of every counted token, computed the way the tree was sampled. Each prompt is
-    forwarded ONCE, images included; its KV cache is repeated for its thoughts, forwarded against
-    it, and each thought's for its M answers. No row re-encodes its prefix, and a prefix's gradient
-    collects what follows it through the cache. A row's first token is scored from its parent's
-    last position. Returns (Nt + Na,) float32, in TreeBatch order."""
+    """log pi(token) of every counted token, computed the way the tree was sampled: each prompt
+    is forwarded ONCE, images included; its KV cache is repeated for its thoughts, and each
+    thought's for its M answers. No row re-encodes its prefix; a prefix's gradient collects
+    what follows it through the cache. A row's first token is scored from its parent's last
+    position. Returns (Nt + Na,) float32, in TreeBatch order."""
     from transformers import DynamicCache
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA
     body, head = causal_lm.model, causal_lm.lm_head
     cache = DynamicCache(config=model.config)
     inputs = model_inputs(model, batch.prompt_ids, batch.prompt_mask, batch.vision)
@@ -853,19 +845,12 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float) -> torch.Tensor:
     thought_last = scorer.gather(1, lengths[..., None].expand(-1, 1, scorer.shape[-1]))  # (B, 1, H)
     thought_end = prompt_end.index_select(-2, batch.thought_prompt) + lengths
     answer_scorer = thought_last[batch.answer_thought]  # (A, 1, H)
-    if batch.answer_ids.shape[1] > 1:  # the last answer token scores nothing: it is not fed
-        rows = (
-            batch.answer_thought,
-            attention,
-            thought_end,
-            batch.answer_ids[:, :-1],
-            batch.answer_mask[:, :-1],
-        )
+    answer_ids, answer_mask = batch.answer_ids, batch.answer_mask
+    if answer_ids.shape[1] > 1:  # the last answer token scores nothing: it is not fed
+        rows = (batch.answer_thought, attention, thought_end, answer_ids[:, :-1], answer_mask[:, :-1])
         answer_scorer = torch.cat([answer_scorer, continue_rows(body, cache, *rows)[0]], 1)  # (A, La, H)
-    mask = batch.answer_mask
-    return torch.cat(
-        [thought_logps, selected_logprobs(answer_scorer[mask], head, batch.answer_ids[mask], temperature)]
-    )
+    answer_logps = selected_logprobs(answer_scorer[answer_mask], head, answer_ids[answer_mask], temperature)
+    return torch.cat([thought_logps, answer_logps])
 
 
 class TreeForward(torch.nn.Module):
@@ -880,8 +865,8 @@ class TreeForward(torch.nn.Module):
 
 
 def clipped_surrogate(logps, old_logps, advantages, eps_low: float, eps_high: float) -> torch.Tensor:
-    """L_t = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A), rho_t = exp(logp - logp_old).
-    All (N,) -> (N,)."""
+    """L_t = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A),
+    rho_t = exp(logp - logp_old). All (N,) -> (N,)."""
     ratio = torch.exp(logps - old_logps)
     return -torch.min(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
 
@@ -894,8 +879,8 @@ def k3_kl(logps, ref_logps) -> torch.Tensor:
 
 def kl_beta(step: int, total_steps: int, cfg: Config) -> float:
     """beta(s). constant: cfg.beta. dynamic (GRPO-D, OThink-MR1): with w = explore_share * t and
-    beta_mid = (beta_min + beta_max) / 2, fall linearly from beta_mid to beta_min over [0, w], then
-    rise linearly to beta_max at t: explore first, then hold the policy near the reference."""
+    beta_mid = (beta_min + beta_max) / 2, fall linearly from beta_mid to beta_min over [0, w],
+    then rise linearly to beta_max at t: explore first, then hold the policy near the reference."""
     if cfg.kl_schedule == "constant":
         return cfg.beta
     w = cfg.explore_share * total_steps
@@ -906,8 +891,9 @@ def kl_beta(step: int, total_steps: int, cfg: Config) -> float:
 
 
 def grpo_ma_loss(logps, old_logps, ref_logps, advantages, weights, beta: float, cfg: Config):
-    """loss = sum_t w_t * (L_t + beta * KL_t), all (N,); w_t holds the aggregation. Returns (loss,
-    sums for the metrics): clip_frac counts ratios outside the range, clip_ratio those it binds."""
+    """loss = sum_t w_t * (L_t + beta * KL_t), all (N,); w_t holds the aggregation. Returns
+    (loss, sums for the metrics): clip_frac counts ratios outside the range, clip_ratio those
+    it binds."""
     per_token = clipped_surrogate(logps, old_logps, advantages, cfg.epsilon, cfg.epsilon_high)
     ratio = torch.exp(logps - old_logps)
     sums = {"tokens": float(len(logps)), "kl": 0.0}
@@ -930,7 +916,7 @@ METRIC_KEYS = (
     "answer_len", "truncated_frac", "tokens_generated", "micro_batches", "rollout_seconds", "train_seconds",
     "eval_greedy_accuracy", "eval_sampled_accuracy",
 )  # fmt: skip
-FINAL = "final"  # the trained policy, save_pretrained's folder
+FINAL = "final"  # the trained policy (LoRA: its adapter), as save_pretrained writes it
 BASE = "base"  # a LoRA run's base model when it exists nowhere else (see `saves_base`)
 
 
@@ -939,15 +925,14 @@ def uses_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def forward_precision(cfg: Config, device: torch.device):
-    """The context of every forward. Weights stay float32, AdamW's master copy; bf16 runs the
-    matmuls in bfloat16 by autocast (auto: on CUDA; bf16 on a CPU runs CPU autocast, so CI runs the
-    GPU numerics). Autocast wraps forwards, never an optimizer step: it keeps its bf16 copy of each
-    weight until its context exits, so a forward after a step would see the weights before it."""
+    """The context of every forward: bf16 autocast where `uses_bf16` (on a CPU, CPU autocast: CI
+    runs the GPU numerics). Weights stay float32, AdamW's master copy. Never around an optimizer
+    step: autocast keeps its bf16 copy of each weight until its context exits."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
 
 
 def pick_device(cfg: Config) -> torch.device:
-    """The CPU, or the current CUDA device (under torchrun, grpo_ma_run.py sets each process's)."""
+    """The CPU, or the current CUDA device (grpo_ma_run.py sets each process's)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     if cfg.device == "cpu" or not torch.cuda.is_available():
@@ -956,11 +941,10 @@ def pick_device(cfg: Config) -> torch.device:
 
 
 def encode_prompts(tokenizer, examples: list[Example], processor=None) -> tuple[list, list, list]:
-    """(prompt texts, token ids, image inputs). Images need the processor, which expands each image
-    marker to the image's tokens; image inputs: [] for a text model, else [P] dicts of
-    pixel_values and image_grid_thw (None for a prompt without images)."""
+    """(prompt texts, token ids, image inputs: [] for a text model, else [P] dicts of
+    pixel_values and image_grid_thw, or None). The processor expands each image marker."""
     if processor is None and any(e.images for e in examples):
-        raise ValueError("the examples carry images, but the model has no processor: it is a text model")
+        raise ValueError("the examples carry images, but the model is a text model")
     if processor is None or not any(e.images for e in examples):
         prompts = [format_prompt(tokenizer, e.question) for e in examples]
         return prompts, [tokenizer.encode(p, add_special_tokens=False) for p in prompts], []
@@ -969,16 +953,16 @@ def encode_prompts(tokenizer, examples: list[Example], processor=None) -> tuple[
     for prompt, example in zip(prompts, examples):
         encoded = processor(text=[prompt], images=example.images or None, return_tensors="pt")
         prompt_ids.append(encoded["input_ids"][0].tolist())
-        images = "image_grid_thw" in encoded
-        vision.append({key: encoded[key] for key in ("pixel_values", "image_grid_thw")} if images else None)
+        images = {key: encoded[key] for key in ("pixel_values", "image_grid_thw") if key in encoded}
+        vision.append(images or None)
     return prompts, prompt_ids, vision
 
 
 @dataclass
 class Run:
-    """What a run trains, where, and on what task: the policy, its tokenizer (and processor), the
-    examples (a recipe's pool, or None: the embedded generator), the held-out set, the rewards and
-    the answer check, and the data stream."""
+    """What a run trains, where, and on what: the policy, its tokenizer (and processor), the
+    training pool (None: the embedded generator), the held-out set, the rewards, the answer
+    check and the data stream."""
 
     policy: torch.nn.Module
     tokenizer: object
@@ -989,14 +973,14 @@ class Run:
     eval_examples: list[Example]
     reward_fns: list[tuple[RewardFn, float]]
     is_correct: Callable[[str, Example], bool]
-    forward: torch.nn.Module | None = None  # the update's TreeForward(policy), in DDP under torchrun
+    forward: torch.nn.Module | None = None  # TreeForward(policy), in DDP under torchrun
 
 
 def start_run(
     cfg: Config, train_pool=None, eval_examples=None, reward_fns=None, is_correct=answer_is_correct
 ):
     """Seed every RNG, then load the policy: the order of draws every run starts from, so a warm
-    start made elsewhere (paper_figures/) is the one train() makes. By default the embedded task."""
+    start made elsewhere (paper_figures/) is train()'s. By default the embedded task."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -1012,17 +996,16 @@ def start_run(
 
 def supervised_warmup(run: Run, cfg: Config) -> list[float]:
     """Cross-entropy on reference solutions (thought and answer tokens, never the prompt), so the
-    start policy knows the format and is partly right: RL has signal and room. Returns the losses."""
+    start policy knows the format and is partly right: RL has signal and room. Returns losses."""
     losses, tokenizer = [], run.tokenizer
     optimizer = torch.optim.AdamW(run.policy.parameters(), lr=cfg.warmup_lr)
     run.policy.train()
-    for _ in tqdm(range(cfg.warmup_steps), desc="warm-up", leave=False, disable=not PROGRESS_BARS):
+    for _ in tqdm(range(cfg.warmup_steps), desc="warm-up", leave=False):
         examples = draw_examples(run.data_rng, cfg.warmup_batch, cfg, run.pool)
         _, prompt_ids, vision = encode_prompts(tokenizer, examples, run.processor)
         solutions = [e.thought + ANSWER_OPEN + e.answer + ANSWER_CLOSE for e in examples]
-        completions = [
-            tokenizer.encode(s, add_special_tokens=False) + [tokenizer.eos_token_id] for s in solutions
-        ]
+        eos = [tokenizer.eos_token_id]
+        completions = [tokenizer.encode(s, add_special_tokens=False) + eos for s in solutions]
         rows = [p + c for p, c in zip(prompt_ids, completions)]
         ids = torch.tensor(right_pad(rows, tokenizer.pad_token_id), device=run.device)
         mask = torch.tensor(right_pad([[1] * len(row) for row in rows], 0), device=run.device)
@@ -1035,7 +1018,7 @@ def supervised_warmup(run: Run, cfg: Config) -> list[float]:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    optimizer.zero_grad(set_to_none=True)  # frozen weights keep .grad: none may reach the RL clipping
+    optimizer.zero_grad(set_to_none=True)  # frozen weights keep .grad: none may reach RL's clipping
     return losses
 
 
@@ -1054,7 +1037,7 @@ def evaluate(run: Run, cfg: Config, examples: list[Example] | None = None) -> di
                 tree = sample_tree(
                     run.policy, run.tokenizer, prompt_ids, 1, 1, cfg, mode == "sampled", vision
                 )
-            correct += sum(run.is_correct(tree.answers[p][0][0], example) for p, example in enumerate(part))
+            correct += sum(run.is_correct(tree.answers[p][0][0], e) for p, e in enumerate(part))
         accuracy[f"eval_{mode}_accuracy"] = correct / len(examples)
     return accuracy
 
@@ -1071,8 +1054,8 @@ class Progress:
     wall_seconds: float = 0.0  # of the run's finished parts, when it was resumed
 
     def gradient_spike_score(self, grad_norm: float, window: int) -> float | None:
-        """GSS = |g_t| / mean |g| of the previous `window` steps (None before any gradient); counts
-        the steps with GSS > 10 (GSS@10)."""
+        """GSS = |g_t| / mean |g| of the previous `window` steps (None before any gradient);
+        counts the steps with GSS > 10 (GSS@10)."""
         previous = self.grad_norms[-window:]
         mean = sum(previous) / len(previous) if previous else 0.0
         gss = grad_norm / mean if mean > 0 else None
@@ -1083,8 +1066,8 @@ class Progress:
 
 @dataclass(frozen=True)
 class Processes:
-    """The processes that share a step: this one's rank, their count, and how a dict of numbers is
-    summed over them. One by default; grpo_ma_run.py hands in torchrun's."""
+    """The processes that share a step: this one's rank, their count, and how a dict of numbers
+    is summed over them. One by default; grpo_ma_run.py hands in torchrun's."""
 
     rank: int = 0
     count: int = 1
@@ -1098,16 +1081,16 @@ def rollout_sums(tree: Tree, scores: dict, examples: list[Example], cfg: Config,
     """The step's rollouts as sums and counts, which processes add before `rollout_metrics`."""
     rewards = scores["total"].double()  # (P, K, M)
     answer_groups = rewards.flatten(-2) if cfg.answer_pool == "all" else rewards
-    thought_len = [len(tree.thought_ids[p][k]) for p, k in tree.thought_slots()]
+    thoughts, answers = tree.thought_slots(), tree.answer_slots()
     sums = {
         "answers": rewards.numel(),
         "reward": rewards.sum().item(),
         "reward_squared": rewards.square().sum().item(),
-        "correct": sum(is_correct(tree.answers[p][k][m], examples[p]) for p, k, m in tree.answer_slots()),
-        "thoughts": len(thought_len),
-        "thought_tokens": sum(thought_len),
-        "answer_tokens": sum(len(tree.answer_ids[p][k][m]) for p, k, m in tree.answer_slots()),
-        "truncated": sum(bool(tree.forced_close[p][k]) for p, k in tree.thought_slots()),
+        "correct": sum(is_correct(tree.answers[p][k][m], examples[p]) for p, k, m in answers),
+        "thoughts": len(thoughts),
+        "thought_tokens": sum(len(tree.thought_ids[p][k]) for p, k in thoughts),
+        "answer_tokens": sum(len(tree.answer_ids[p][k][m]) for p, k, m in answers),
+        "truncated": sum(bool(tree.forced_close[p][k]) for p, k in thoughts),
         "thought_groups": rewards.shape[0],
         "zero_std_thought": zero_std_groups(rewards.mean(-1)),
         "answer_groups": answer_groups[..., 0].numel(),
@@ -1136,7 +1119,7 @@ def rollout_metrics(sums: dict) -> dict:
 
 
 def reference_logprobs(reference, batch: TreeBatch, cfg: Config) -> torch.Tensor:
-    """log pi_ref: the frozen start policy, or with LoRA the policy with its adapter switched off."""
+    """log pi_ref: the frozen start policy, or with LoRA the policy with its adapter off."""
     with reference.disable_adapter() if cfg.lora_rank else nullcontext():
         return tree_logprobs(reference, batch, cfg.temperature)
 
@@ -1144,11 +1127,12 @@ def reference_logprobs(reference, batch: TreeBatch, cfg: Config) -> torch.Tensor
 def train_step(
     step: int, run: Run, optimizer, progress: Progress, reference, cfg: Config, processes=Processes()
 ):
-    """One GRPO-MA step: sample the tree, score it, advantages, then num_iterations optimizer steps,
-    each accumulated over micro-batches of whole thoughts. With several processes each grows whole
-    trees for its share of the prompts, and DDP averages the gradients. Returns the step's metrics."""
+    """One GRPO-MA step: sample the tree, score it, advantages, then num_iterations optimizer
+    steps, each accumulated over micro-batches of whole thoughts. With several processes each
+    grows whole trees for its share of the prompts and DDP averages the gradients.
+    Returns the step's metrics."""
     rollout_start = time.time()
-    examples = draw_examples(run.data_rng, cfg.prompts_per_step, cfg, run.pool)  # same on every process
+    examples = draw_examples(run.data_rng, cfg.prompts_per_step, cfg, run.pool)  # same everywhere
     share = cfg.prompts_per_step // processes.count
     examples = examples[processes.rank * share : (processes.rank + 1) * share]
     prompts, prompt_ids, vision = encode_prompts(run.tokenizer, examples, run.processor)
@@ -1164,10 +1148,9 @@ def train_step(
         counted = [[[ended != "budget" for ended in by_k] for by_k in by_p] for by_p in tree.answer_ended]
     max_length = cfg.max_thought_tokens + cfg.max_answer_tokens
     weights = loss_weights(tree, cfg.loss_agg, counted, max_length, processes.total)
-    pad_id = run.tokenizer.pad_token_id
-    packs = pack_thoughts(tree, cfg.micro_batch_tokens)
+    advantages = (thought_adv, answer_adv, weights, run.tokenizer.pad_token_id, run.device)
     batches = [
-        build_tree_batch(tree, pack, thought_adv, answer_adv, weights, pad_id, run.device) for pack in packs
+        build_tree_batch(tree, pack, *advantages) for pack in pack_thoughts(tree, cfg.micro_batch_tokens)
     ]
     rollout_seconds = time.time() - rollout_start
 
@@ -1212,8 +1195,8 @@ def train_step(
 
 
 def saves_base(cfg: Config) -> bool:
-    """A LoRA run whose base exists nowhere else (the embedded model, or weights the warm-up changed)
-    saves it once in OUT/base, where its adapters (OUT/final) and a resume find it."""
+    """A LoRA run whose base exists nowhere else (the embedded model, or weights the warm-up
+    changed) saves it once in OUT/base, where its adapters (OUT/final) and a resume find it."""
     return cfg.lora_rank > 0 and (cfg.warmup_steps > 0 or cfg.model == EMBEDDED)
 
 
@@ -1225,9 +1208,10 @@ def base_source(cfg: Config, out: Path) -> str:
 
 
 def add_adapters(run: Run, cfg: Config, out: Path) -> None:
-    """With --lora-rank, LoRA adapters on the (warmed-up) policy, named by their base. Where forwards
-    run in bf16 the frozen base is stored in bf16 too: nothing updates it, so it needs no float32
-    master copy and takes half the memory; the adapters stay float32 with their AdamW state."""
+    """With --lora-rank, LoRA adapters on the (warmed-up) policy, named by their base (`base_source`).
+    Where forwards run in bf16 the
+    frozen base is held in bf16: nothing updates it, so it needs no float32 master copy; the
+    adapters stay float32 with their AdamW state."""
     if not cfg.lora_rank:
         return
     if uses_bf16(cfg, run.device):
@@ -1241,8 +1225,8 @@ def add_adapters(run: Run, cfg: Config, out: Path) -> None:
 
 def kl_reference(run: Run, cfg: Config):
     """pi_ref: None when beta(s) is 0 throughout; with LoRA the policy itself (adapter off when
-    scored); else a frozen copy of the start policy (a copy: building a new model would draw from
-    the RNG that sampling continues from)."""
+    scored); else a frozen copy of the start policy (a copy: building a new model would draw
+    from the RNG that sampling continues from)."""
     if (cfg.beta if cfg.kl_schedule == "constant" else cfg.beta_max) == 0:
         return None
     if cfg.lora_rank:
@@ -1258,10 +1242,19 @@ def write_metrics(path: Path, record: dict) -> None:
 
 
 def save_model(run: Run, folder: Path, model=None) -> None:
-    """A model (the policy by default) and its tokenizer or processor, as transformers saves them:
-    the folder --model and from_pretrained load."""
+    """A model (the policy by default) and its tokenizer or processor, as transformers saves
+    them: a folder that --model and from_pretrained load."""
     (model or run.policy).save_pretrained(folder)
     (run.processor or run.tokenizer).save_pretrained(folder)
+
+
+def say_accuracy(what: str, start: dict, end: dict | None = None) -> None:
+    """One line: held-out accuracy, greedy and sampled (start -> end)."""
+    parts = []
+    for mode in ("greedy", "sampled"):
+        key = f"eval_{mode}_accuracy"
+        parts.append(f"{mode} {start[key]:.3f}" + (f" -> {end[key]:.3f}" if end else ""))
+    print(f"{what}: held-out accuracy " + ", ".join(parts))
 
 
 def summarise(cfg: Config, progress: Progress, device: torch.device, processes: int = 1) -> dict:
@@ -1276,31 +1269,21 @@ def summarise(cfg: Config, progress: Progress, device: torch.device, processes: 
     return summary | {"processes": processes}
 
 
-def say_accuracy(what: str, start: dict, end: dict | None = None) -> None:
-    """One line: held-out accuracy, greedy and sampled (start -> end)."""
-    parts = []
-    for mode in ("greedy", "sampled"):
-        key = f"eval_{mode}_accuracy"
-        parts.append(f"{mode} {start[key]:.3f}" + (f" -> {end[key]:.3f}" if end else ""))
-    print(f"{what}: held-out accuracy " + ", ".join(parts))
-
-
 def finish(run: Run, cfg: Config, progress: Progress, out: Path, processes: int = 1) -> dict:
-    """The end of a run: the policy in OUT/final, OUT/summary.json, and one line."""
-    summary = summarise(cfg, progress, run.device, processes)
-    save_model(run, out / FINAL)  # with LoRA the adapter; --save-merged adds the merged model
+    """The end of a run: the policy in OUT/final (LoRA: its adapter; --save-merged adds the merged
+    model), OUT/summary.json, and one line."""
+    save_model(run, out / FINAL)
     if cfg.lora_rank and cfg.save_merged:
         save_model(run, out / "final-merged", copy.deepcopy(run.policy).merge_and_unload())
+    summary = summarise(cfg, progress, run.device, processes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     say_accuracy("after GRPO-MA", progress.start_eval, progress.last_eval)
     return summary
 
 
-def train(
-    cfg: Config, train_pool=None, eval_examples=None, reward_fns=None, is_correct=answer_is_correct
-) -> dict:
-    """The whole run in one process: warm-up, evaluate, cfg.steps GRPO-MA steps, evaluate. Writes
-    OUT/config.json, OUT/metrics.jsonl, OUT/summary.json and OUT/final; returns the summary. A recipe
+def train(cfg: Config, train_pool=None, eval_examples=None, reward_fns=None, is_correct=answer_is_correct):
+    """The whole run in one process: warm-up, evaluate, cfg.steps GRPO-MA steps, evaluate.
+    Writes OUT/config.json, metrics.jsonl, summary.json and final/; returns the summary. A recipe
     (demos/) passes its own examples, held-out set, rewards and answer check."""
     started = time.time()
     validate_config(cfg)
@@ -1308,9 +1291,7 @@ def train(
         raise ValueError("grpo_ma.py trains in one process: under torchrun, run grpo_ma_run.py")
     out = Path(cfg.out)
     if any((out / name).exists() for name in ("config.json", "metrics.jsonl", "summary.json", FINAL)):
-        raise ValueError(
-            f"--out {out} holds another run: choose another folder (grpo_ma_run.py can resume it)"
-        )
+        raise ValueError(f"--out {out} holds another run: choose another folder (grpo_ma_run.py resumes)")
     run = start_run(cfg, train_pool, eval_examples, reward_fns, is_correct)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -1327,7 +1308,7 @@ def train(
     (out / "metrics.jsonl").write_text("")
     write_metrics(out / "metrics.jsonl", {"step": 0, **progress.start_eval})
     say_accuracy("start policy", progress.start_eval)
-    for step in tqdm(range(1, cfg.steps + 1), desc="GRPO-MA", unit="step", disable=not PROGRESS_BARS):
+    for step in tqdm(range(1, cfg.steps + 1), desc="GRPO-MA", unit="step"):
         record = train_step(step, run, optimizer, progress, reference, cfg)
         progress.step = step
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -1342,8 +1323,8 @@ def train(
 # 8. CLI: one flag per Config field
 # ================================================================================================
 def build_parser(defaults: Config | None = None, parser: argparse.ArgumentParser | None = None):
-    """One flag per field of the defaults' dataclass (Config, or a subclass with more fields); a recipe
-    passes its own defaults (and parser) to reuse every flag."""
+    """One flag per field of the defaults' dataclass (Config, or a subclass with more fields);
+    a recipe passes its own defaults (and parser) to reuse every flag."""
     defaults = defaults or Config()
     parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -1351,16 +1332,17 @@ def build_parser(defaults: Config | None = None, parser: argparse.ArgumentParser
         default = getattr(defaults, f.name)
         text = f.metadata["help"] + " (default: %(default)s)"
         if isinstance(default, bool):
-            switch = argparse.BooleanOptionalAction
-            parser.add_argument(flag(f.name), action=switch, default=default, help=text)
+            parser.add_argument(
+                flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=text
+            )
         else:
             parser.add_argument(flag(f.name), type=type(default), default=default, help=text)
     return parser
 
 
 def run_cli(entry: Callable, *args, debug: bool = False, say_errors: bool = True):
-    """entry(*args) as a command: an error is one line on stderr (unless say_errors is False: another
-    process says it) and exit status 1, with the traceback only under --debug. (The Python API raises.)"""
+    """entry(*args) as a command: an error is one line on stderr (unless say_errors is False:
+    another process says it) and exit status 1; the traceback only under --debug."""
     try:
         return entry(*args)
     except (ValueError, OSError, RuntimeError) as error:

@@ -413,7 +413,8 @@ def run_in_folder(cfg: RunConfig, run: G.Run, out: Path) -> dict:
     """The run in its folder: start it (or resume it), then the steps with their checkpoints and metrics."""
     started = time.time()
     rank, count = rank_and_count()
-    G.PROGRESS_BARS = rank == 0
+    if rank > 0:
+        os.environ["TQDM_DISABLE"] = "1"  # one process draws the progress bars
     processes = G.Processes(rank, count, sum_over_processes if count > 1 else None)
     metrics = out / "metrics.jsonl"
     if not cfg.resume:

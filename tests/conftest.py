@@ -233,7 +233,7 @@ def assert_cached_sampling_equals_plain_generate(model, tokenizer, processor, ex
     monkeypatch.setattr(model, "generate", generate_and_record)
     for rows in (prompt_ids, prefixes):
         recorded.clear()
-        got = G.sample_continuations(model, tokenizer, rows, n, 12, G.ANSWER_CLOSE, G.Config(), False, vision)
+        got = sample_continuations(model, tokenizer, rows, n, 12, G.ANSWER_CLOSE, G.Config(), False, vision)
         for i, (ids, inputs) in enumerate(zip(rows, vision)):
             plain = plain_inputs(model, ids, inputs)
             out = real_generate(
@@ -277,7 +277,7 @@ def assert_tree_forward_equals_plain_forwards(model, tokenizer, processor, examp
     thought_logps, answer_logps, loss = [], [], 0.0
     for p, k in slots:
         for m, answer in enumerate(tree.answer_ids[p][k]):
-            context = tree.prefix(p, k)
+            context = prefix(tree, p, k)
             logits = model(**plain_inputs(model, context + answer, tree.vision[p])).logits
             logps = torch.log_softmax(logits[0, :-1].float(), -1)
             targets = torch.tensor(context + answer)[1:]
@@ -299,3 +299,14 @@ def assert_tree_forward_equals_plain_forwards(model, tokenizer, processor, examp
         for name, grad in flat_grads.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     return flat_grads
+
+
+def sample_continuations(model, tokenizer, prefixes, n, budget, stop, cfg, do_sample, vision=None):
+    """n continuations of every prefix (with its images), as grpo_ma.sample_rows returns them."""
+    ids, mask, cache = G.read_prefixes(model, tokenizer, prefixes, vision)
+    return G.sample_rows(model, tokenizer, (ids, mask), cache, n, budget, stop, cfg, do_sample)[0]
+
+
+def prefix(tree, p: int, k: int) -> list[int]:
+    """Prompt + thought + forced close: what every answer of thought (p, k) continues."""
+    return tree.prompt_ids[p] + tree.thought_ids[p][k] + tree.forced_close[p][k]

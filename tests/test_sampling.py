@@ -5,6 +5,7 @@ continues."""
 
 import pytest
 import torch
+from conftest import prefix, sample_continuations
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,7 +68,7 @@ def test_kv_reuse_samples_what_generate_samples_on_the_full_prefixes(
 
     monkeypatch.setattr(tiny_model, "generate", generate_keeping_logits)
     torch.manual_seed(7)
-    got = G.sample_continuations(tiny_model, tokenizer, prefixes, n, budget, stop, cfg, do_sample)
+    got = sample_continuations(tiny_model, tokenizer, prefixes, n, budget, stop, cfg, do_sample)
     assert got == expected
     assert captured[0].shape == expected_logits.shape
     torch.testing.assert_close(
@@ -134,11 +135,11 @@ def test_greedy_tree_continues_each_prompt_and_each_thought(tokenizer):
         written = greedy(prompt_ids[p], cfg.max_thought_tokens)
         sampled = tree.thought_ids[p][k]
         assert written[: len(sampled)] == sampled
-        prefix = tree.prefix(p, k)
-        assert prefix == prompt_ids[p] + sampled + tree.forced_close[p][k]
+        context = prefix(tree, p, k)
+        assert context == prompt_ids[p] + sampled + tree.forced_close[p][k]
         for m in range(2):
             answer = tree.answer_ids[p][k][m]
-            assert greedy(prefix, cfg.max_answer_tokens)[: len(answer)] == answer
+            assert greedy(context, cfg.max_answer_tokens)[: len(answer)] == answer
     assert tree.thought_ids[0][0] != tree.thought_ids[1][0]  # the prompts do lead to different thoughts
 
 

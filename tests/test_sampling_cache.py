@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import prefix, sample_continuations
 
 import grpo_ma as G
 from demos import counting_vlm as C
@@ -60,7 +61,7 @@ def reencoding_tree(model, tokenizer, prompt_ids, k, m, cfg, do_sample=True, vis
     sampled = [ids for ids, _ in thoughts]
     forced = [[] if ended == "stop" else close for _, ended in thoughts]
     tree = G.Tree(prompt_ids, G.group_rows(sampled, k), G.group_rows(forced, k), [], [], [], [], vision or [])
-    prefixes = [tree.prefix(p, j) for p, j in tree.thought_slots()]
+    prefixes = [prefix(tree, p, j) for p, j in tree.thought_slots()]
     rows = [tree.vision[p] for p, _ in tree.thought_slots()] if tree.vision else None
     answers = reencoding_continuations(
         model, tokenizer, prefixes, m, cfg.max_answer_tokens, G.ANSWER_CLOSE, cfg, do_sample, rows
@@ -242,11 +243,11 @@ def test_a_marker_of_several_tokens_stops_where_stop_strings_stops(tokenizer, mo
     prefixes = [tokenizer.encode(text, add_special_tokens=False) for text in ("7+3=?", "12-4=?", "9=?")]
     stop, cfg = "j4", G.Config()  # the third prefix's greedy row writes it at its 7th and 8th tokens
     assert len(tokenizer.encode(stop, add_special_tokens=False)) == 2
-    got = G.sample_continuations(model, tokenizer, prefixes, 2, 12, stop, cfg, False)
+    got = sample_continuations(model, tokenizer, prefixes, 2, 12, stop, cfg, False)
     expected = reencoding_continuations(model, tokenizer, prefixes, 2, 12, stop, cfg, False)
     assert got == expected and [ended for _, ended in got].count("stop") == 2
     calls = recorded_logits(model, monkeypatch)
-    G.sample_continuations(model, tokenizer, prefixes[2:], 2, 12, stop, cfg, False)
+    sample_continuations(model, tokenizer, prefixes[2:], 2, 12, stop, cfg, False)
     reencoding_continuations(model, tokenizer, prefixes[2:], 2, 12, stop, cfg, False)
     assert calls[0].shape[1] == calls[1].shape[1] == 8  # both stopped after the marker, not at 12
 

@@ -10,6 +10,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import prefix
 from conftest import ragged_tree as ragged_tree_within
 
 import grpo_ma as G
@@ -121,7 +122,7 @@ def test_tree_logprobs_equal_log_softmax_of_full_rows_at_the_next_token(tokenize
     with torch.no_grad():
         logps = G.tree_logprobs(model, batch, TEMPERATURE)
         for p, k in tree.thought_slots():
-            context = tree.prefix(p, k)
+            context = prefix(tree, p, k)
             thought_start = len(tree.prompt_ids[p])
             thought_end = thought_start + len(tree.thought_ids[p][k])
             for m, answer in enumerate(tree.answer_ids[p][k]):
