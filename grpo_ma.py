@@ -974,6 +974,7 @@ class Run:
     reward_fns: list[tuple[RewardFn, float]]
     is_correct: Callable[[str, Example], bool]
     forward: torch.nn.Module | None = None  # TreeForward(policy), in DDP under torchrun
+    sampler: torch.nn.Module | None = None  # LoRA: a copy of the base for rollouts (`rollout_policy`)
 
 
 def start_run(
@@ -1034,9 +1035,8 @@ def evaluate(run: Run, cfg: Config, examples: list[Example] | None = None) -> di
             part = examples[start : start + 100]
             _, prompt_ids, vision = encode_prompts(run.tokenizer, part, run.processor)
             with forward_precision(cfg, run.device):
-                tree = sample_tree(
-                    run.policy, run.tokenizer, prompt_ids, 1, 1, cfg, mode == "sampled", vision
-                )
+                policy = rollout_policy(run)
+                tree = sample_tree(policy, run.tokenizer, prompt_ids, 1, 1, cfg, mode == "sampled", vision)
             correct += sum(run.is_correct(tree.answers[p][0][0], e) for p, e in enumerate(part))
         accuracy[f"eval_{mode}_accuracy"] = correct / len(examples)
     return accuracy
@@ -1137,9 +1137,8 @@ def train_step(
     examples = examples[processes.rank * share : (processes.rank + 1) * share]
     prompts, prompt_ids, vision = encode_prompts(run.tokenizer, examples, run.processor)
     with forward_precision(cfg, run.device):
-        tree = sample_tree(
-            run.policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg, vision=vision
-        )
+        policy = rollout_policy(run)
+        tree = sample_tree(policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg, vision=vision)
     scores = score_answers(run.reward_fns, tree, examples, prompts)  # "total": (P, K, M)
     pool = dict(answer_pool=cfg.answer_pool, scale=cfg.scale_rewards, ddof=cfg.ddof)
     thought_adv, answer_adv = ma_advantages(scores["total"], **pool)  # (P, K), (P, K, M)
@@ -1208,19 +1207,36 @@ def base_source(cfg: Config, out: Path) -> str:
 
 
 def add_adapters(run: Run, cfg: Config, out: Path) -> None:
-    """With --lora-rank, LoRA adapters on the (warmed-up) policy, named by their base (`base_source`).
-    Where forwards run in bf16 the
-    frozen base is held in bf16: nothing updates it, so it needs no float32 master copy; the
-    adapters stay float32 with their AdamW state."""
+    """With --lora-rank, LoRA adapters on the (warmed-up) policy, named by their base
+    (`base_source`), and a copy of the base that rollouts run on (`rollout_policy`). Where
+    forwards run in bf16 the frozen base is held in bf16: nothing updates it, so it needs no
+    float32 master copy; the adapters stay float32 with their AdamW state."""
     if not cfg.lora_rank:
         return
     if uses_bf16(cfg, run.device):
         run.policy.to(torch.bfloat16)
+    run.sampler = copy.deepcopy(run.policy).requires_grad_(False)
     run.policy = add_lora(run.policy, cfg)
     run.policy.peft_config["default"].base_model_name_or_path = base_source(cfg, out)
     if cfg.freeze_vision:
         freeze_vision_tower(run.policy)
     run.forward = TreeForward(run.policy)
+
+
+@torch.no_grad()
+def rollout_policy(run: Run) -> torch.nn.Module:
+    """The model rollouts are drawn from: the policy, or with LoRA the copy of its base with the
+    current adapters folded in, W + (alpha / r) B A for each adapted weight W, refreshed at every
+    call: decoding then runs no adapter matmuls. The KL reference stays the adapter-off policy."""
+    if run.sampler is None:
+        return run.policy
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in run.policy.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            folded = module.base_layer.weight + module.get_delta_weight("default")
+            run.sampler.get_submodule(name).weight.copy_(folded)
+    return run.sampler
 
 
 def kl_reference(run: Run, cfg: Config):
@@ -1274,7 +1290,7 @@ def finish(run: Run, cfg: Config, progress: Progress, out: Path, processes: int 
     model), OUT/summary.json, and one line."""
     save_model(run, out / FINAL)
     if cfg.lora_rank and cfg.save_merged:
-        save_model(run, out / "final-merged", copy.deepcopy(run.policy).merge_and_unload())
+        save_model(run, out / "final-merged", rollout_policy(run))
     summary = summarise(cfg, progress, run.device, processes)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     say_accuracy("after GRPO-MA", progress.start_eval, progress.last_eval)

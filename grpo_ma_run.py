@@ -6,8 +6,7 @@ changes what a step computes. grpo_ma.py never imports this file.
     torchrun --nproc-per-node 2 grpo_ma_run.py       # data-parallel over processes (DDP)
 
 It adds: a folder that never mixes runs and has one owner; checkpoints read back as data, with a fallback;
-resume and extension; live views (--report-to); and several processes, which each grow whole trees for their
-share of a step's prompts and sum the loss's normaliser over all of them (grpo_ma.Processes).
+resume and extension; live views (--report-to); several processes, each growing whole trees for its prompts.
 """
 
 import contextlib

@@ -4,6 +4,7 @@ a resume on another base is refused, the clipped and logged gradient is the adap
 LoRA run ends bit-exact. A vision-language model's LoRA run is checked in test_qwen2_5_vl.py."""
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -153,3 +154,30 @@ def test_lora_base_is_stored_in_bf16_where_forwards_run_in_bf16(tmp_path):
     assert all(
         m.dtype == torch.float32 for state in optimizer.state.values() for m in state.values() if m.dim()
     )
+
+
+def test_lora_rollouts_come_from_the_current_adapters_folded_into_a_copy_of_the_base(tmp_path):
+    """Rollouts run on a plain copy of the base with (alpha / r) B A added to each adapted weight, refreshed
+    from the adapters at each call: after the adapters change, its greedy and seeded sampled trees equal the
+    adapter-on policy's token for token, and differ from the adapter-off base's (the KL reference)."""
+    cfg = G.Config(lora_rank=4, warmup_steps=0, max_thought_tokens=12, max_answer_tokens=6, device="cpu")
+    run = G.start_run(cfg)
+    G.add_adapters(run, cfg, tmp_path)
+    sampler = G.rollout_policy(run)  # folded from the fresh adapters, which are about to change
+    assert sampler is not run.policy and not any(p.requires_grad for p in sampler.parameters())
+    with torch.no_grad():
+        for name, parameter in run.policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    examples = G.sample_examples(random.Random(0), "addsub", 6, held_out=True)
+    _, prompt_ids, _ = G.encode_prompts(run.tokenizer, examples)
+
+    def tree(model, do_sample):
+        torch.manual_seed(1)
+        tree = G.sample_tree(model, run.tokenizer, prompt_ids, 2, 2, cfg, do_sample)
+        return tree.thought_ids, tree.answer_ids
+
+    for do_sample in (False, True):
+        assert tree(G.rollout_policy(run), do_sample) == tree(run.policy, do_sample)
+    with run.policy.disable_adapter():
+        assert tree(run.policy, False) != tree(G.rollout_policy(run), False)
