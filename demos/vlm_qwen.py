@@ -56,11 +56,12 @@ Memory. Qwen2.5-VL-3B has 3.75B parameters. grpo_ma computes in bfloat16 through
 the frozen base is stored in bfloat16 (7.5 GB: nothing updates it, so it needs no float32 master copy), and
 only the adapter (rank 64: ~150M parameters) has float32 weights, gradients and two AdamW moments, 16 bytes a
 parameter, ~2.4 GB; the KL reference is the same model with the adapter switched off, so it costs no memory
-(full fine-tuning would need ~75 GB: float32 weights, gradients, two moments and a frozen reference). The
-tree update forwards each prompt (its image tokens included) once for its thoughts and each thought once for
-its M answers, packed up to --micro-batch-tokens padded tokens a forward, so activations are bounded by that
-budget; it cannot use per-layer gradient checkpointing (that drops the KV
-cache the answers are forwarded against). The peak has not been measured on a GPU
+(full fine-tuning would need ~75 GB: float32 weights, gradients, two moments and a frozen reference).
+Rollouts run on a copy of the base with the adapters folded in: 7.5 GB more, no adapter matmuls per decoded
+token. The tree update forwards each prompt (its image tokens included) once for its thoughts and each thought
+once for its M answers, packed up to --micro-batch-tokens padded tokens a forward, so activations are
+bounded by that budget; it cannot use per-layer gradient checkpointing (that drops the KV cache the answers
+are forwarded against). The peak has not been measured on a GPU
 here: treat the first GPU run as the test. Every checkpoint holds the adapter and its AdamW state (~1.8
 GB), not the base, and two are kept (--save-every 100). OUT/final holds the adapter and the processor.
 
