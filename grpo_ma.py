@@ -93,6 +93,9 @@ class Config:
     temperature: float = setting(1.0, "sampling temperature (the loss's too)", above=0)
     max_thought_tokens: int = setting(40, "thought budget (then closed)", low=1)
     max_answer_tokens: int = setting(10, "answer budget", low=1)
+    compile_decode: str = setting(
+        "auto", "static cache + compiled decode (auto: CUDA)", choices=("auto", "on", "off")
+    )
     # task and model
     task: str = setting("addsub", "embedded task family", choices=tuple(TASK_FAMILIES))
     eval_task: str = setting("", "held-out family ('': --task)", choices=("", *TASK_FAMILIES))
@@ -428,11 +431,59 @@ def read_prefixes(model, tokenizer, prefixes: list[list[int]], vision=None):
     return ids, mask, cache
 
 
+class StaticCaches:
+    """Compiled decoding's KV caches (transformers' StaticCache), kept for the whole run: one per
+    row count, its length rounded up to `bucket` columns and only ever grown, so later steps reuse
+    the decode graphs the first compiled (and CUDA graphs find the same tensors every call)."""
+
+    def __init__(self, config, bucket: int = 64):
+        self.config = config.get_text_config(decoder=True)
+        self.bucket = bucket
+        self.caches = {}
+
+    def get(self, rows: int, length: int):
+        from transformers import StaticCache
+
+        length = -(-length // self.bucket) * self.bucket
+        if rows not in self.caches or self.caches[rows].get_max_length() < length:
+            self.caches[rows] = StaticCache(config=self.config, max_cache_len=length)
+        self.caches[rows].reset()
+        return self.caches[rows]
+
+
+def repeat_into(source, target, n: int) -> None:
+    """target's first columns <- source's, each row repeated n times: batch_repeat_interleave
+    into a static cache, which has none of its own."""
+    columns = int(source.get_seq_length())
+    for source_layer, layer in zip(source.layers, target.layers):
+        if columns == 0:
+            continue
+        keys = source_layer.keys[:, :, :columns].repeat_interleave(n, 0)
+        values = source_layer.values[:, :, :columns].repeat_interleave(n, 0)
+        if not layer.is_initialized:
+            layer.lazy_initialization(keys, values)  # the source's dtypes, autocast's included
+        layer.keys[:, :, :columns].copy_(keys)
+        layer.values[:, :, :columns].copy_(values)
+        layer.cumulative_length.fill_(columns)
+
+
+def compile_config(device: torch.device):
+    """How generate() compiles its one-token decode forward: whole graphs of fixed shapes; on CUDA
+    as CUDA graphs (mode reduce-overhead), which remove the per-token kernel launches."""
+    from transformers import CompileConfig
+
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+    config._compile_all_devices = True  # generate() compiles on accelerators only: let a CPU test run it
+    return config
+
+
 @torch.no_grad()
-def sample_rows(model, tokenizer, rows, cache, n: int, budget: int, stop: str, cfg, do_sample):
+def sample_rows(model, tokenizer, rows, cache, n, budget: int, stop: str, cfg, do_sample, static=None):
     """n continuations of each row of rows = (ids, mask), (B, L), from exactly softmax(logits / T)
     (every knob a checkpoint's generation_config may set is pinned), cut by `cut_at_stop`. The
-    cache of the rows' first columns is repeated n times, never recomputed.
+    cache of the rows' first columns is repeated n times, never recomputed: in place, or into
+    `static`, a StaticCache that compiled decoding continues.
     Returns ([(ids, how it ended)] row-major: continuation j of row i is i*n+j, and the B*n rows
     with their continuations: (ids, mask 1 on the kept tokens)); the cache then holds them."""
     if do_sample:
@@ -446,7 +497,12 @@ def sample_rows(model, tokenizer, rows, cache, n: int, budget: int, stop: str, c
     # a VLM never writes an image marker: one in a thought would read as a missing image
     markers = [getattr(model.config, f"{name}_token_id", None) for name in VISION_MARKERS]
     kwargs["suppress_tokens"] = [token for token in markers if token is not None]
-    cache.batch_repeat_interleave(n)
+    if static is None:
+        cache.batch_repeat_interleave(n)
+    else:
+        repeat_into(cache, static, n)
+        cache = static
+        kwargs["compile_config"] = compile_config(model.device)
     for module in model.modules():  # a VLM's rope offsets follow its rows (`model_inputs`)
         if getattr(module, "rope_deltas", None) is not None:
             module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
@@ -465,7 +521,7 @@ def continue_after(rows, cache, tails: list[list[int]], pad_id: int):
     holes shift nothing. The last kept token is fed again: its logits, which no cache holds,
     give the next token. Returns (ids, mask), (B, C + tail) with C cached columns."""
     ids, mask = rows
-    columns = cache.get_seq_length()
+    columns = int(cache.get_seq_length())
     last = mask.cumsum(1).argmax(1, keepdim=True)  # (B, 1) a row's last kept column
     heads = ids.gather(1, last).squeeze(1).tolist()
     tail_rows = [[head, *tail] for head, tail in zip(heads, tails)]
@@ -474,22 +530,35 @@ def continue_after(rows, cache, tails: list[list[int]], pad_id: int):
     return torch.cat([ids[:, :columns], tail_ids], 1), mask
 
 
-def sample_tree(model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample=True, vision=None):
+def sample_tree(
+    model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample=True, vision=None, caches=None
+):
     """GRPO-MA's two-stage rollout: K thoughts per prompt, then M answers per thought, which
     continue the thoughts' KV cache. A thought that ended by eos or budget is closed by appending
     </think> (never trained on); a sampled eos stays in it and is trained on, or nothing would
-    teach the policy not to end a thought. `vision`: [P] image inputs (or None) for a VLM."""
+    teach the policy not to end a thought. `vision`: [P] image inputs (or None) for a VLM.
+    With the run's `caches` (StaticCaches), a text model decodes on static caches, compiled."""
     was_training = model.training
     model.eval()
     close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
     ids, mask, cache = read_prefixes(model, tokenizer, prompt_ids, vision)
+    stages = [None, None]  # the static caches of stage 1 (P*K rows) and stage 2 (P*K*M rows)
+    if caches is not None and not any(vision or []):
+        length = ids.shape[1] + cfg.max_thought_tokens + 1 + len(close) + cfg.max_answer_tokens
+        stages = [caches.get(len(prompt_ids) * k, length), caches.get(len(prompt_ids) * k * m, length)]
     budget = cfg.max_thought_tokens
-    thoughts, rows = sample_rows(model, tokenizer, (ids, mask), cache, k, budget, THINK_CLOSE, cfg, do_sample)
+    thoughts, rows = sample_rows(
+        model, tokenizer, (ids, mask), cache, k, budget, THINK_CLOSE, cfg, do_sample, stages[0]
+    )
+    if stages[0] is not None:
+        cache = stages[0]  # the thoughts' rows, which the answers continue
     sampled = [ids for ids, _ in thoughts]
     forced = [[] if ended == "stop" else close for _, ended in thoughts]
     rows = continue_after(rows, cache, forced, tokenizer.pad_token_id)
     budget = cfg.max_answer_tokens
-    answers, _ = sample_rows(model, tokenizer, rows, cache, m, budget, ANSWER_CLOSE, cfg, do_sample)
+    answers, _ = sample_rows(
+        model, tokenizer, rows, cache, m, budget, ANSWER_CLOSE, cfg, do_sample, stages[1]
+    )
     model.train(was_training)
     thought_texts = tokenizer.batch_decode([s + f for s, f in zip(sampled, forced)], skip_special_tokens=True)
     answer_texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)
@@ -975,6 +1044,7 @@ class Run:
     is_correct: Callable[[str, Example], bool]
     forward: torch.nn.Module | None = None  # TreeForward(policy), in DDP under torchrun
     sampler: torch.nn.Module | None = None  # LoRA: a copy of the base for rollouts (`rollout_policy`)
+    decode_caches: StaticCaches | None = None  # with --compile-decode: rollouts' static caches
 
 
 def start_run(
@@ -992,7 +1062,10 @@ def start_run(
     pool = None if train_pool is None else list(train_pool)
     eval_examples = held_out_examples(cfg) if eval_examples is None else list(eval_examples)
     task = (pool, eval_examples, reward_fns or reward_functions(cfg), is_correct)
-    return Run(policy, tokenizer, processor, device, random.Random(cfg.seed), *task, TreeForward(policy))
+    run = Run(policy, tokenizer, processor, device, random.Random(cfg.seed), *task, TreeForward(policy))
+    if cfg.compile_decode == "on" or (cfg.compile_decode == "auto" and device.type == "cuda"):
+        run.decode_caches = StaticCaches(policy.config)
+    return run
 
 
 def supervised_warmup(run: Run, cfg: Config) -> list[float]:
@@ -1036,7 +1109,10 @@ def evaluate(run: Run, cfg: Config, examples: list[Example] | None = None) -> di
             _, prompt_ids, vision = encode_prompts(run.tokenizer, part, run.processor)
             with forward_precision(cfg, run.device):
                 policy = rollout_policy(run)
-                tree = sample_tree(policy, run.tokenizer, prompt_ids, 1, 1, cfg, mode == "sampled", vision)
+                sampled = mode == "sampled"
+                tree = sample_tree(
+                    policy, run.tokenizer, prompt_ids, 1, 1, cfg, sampled, vision, run.decode_caches
+                )
             correct += sum(run.is_correct(tree.answers[p][0][0], e) for p, e in enumerate(part))
         accuracy[f"eval_{mode}_accuracy"] = correct / len(examples)
     return accuracy
@@ -1138,7 +1214,10 @@ def train_step(
     prompts, prompt_ids, vision = encode_prompts(run.tokenizer, examples, run.processor)
     with forward_precision(cfg, run.device):
         policy = rollout_policy(run)
-        tree = sample_tree(policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg, vision=vision)
+        tree_size = (cfg.thoughts, cfg.answers)
+        tree = sample_tree(
+            policy, run.tokenizer, prompt_ids, *tree_size, cfg, True, vision, run.decode_caches
+        )
     scores = score_answers(run.reward_fns, tree, examples, prompts)  # "total": (P, K, M)
     pool = dict(answer_pool=cfg.answer_pool, scale=cfg.scale_rewards, ddof=cfg.ddof)
     thought_adv, answer_adv = ma_advantages(scores["total"], **pool)  # (P, K), (P, K, M)

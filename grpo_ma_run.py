@@ -49,7 +49,7 @@ class RunConfig(G.Config):
 
 RESUMABLE_CHANGES = {  # the settings a resumed run may change: none changes what the run computes
     "resume", "overwrite", "device", "precision", "out", "steps", "save_every", "save_merged",
-    "micro_batch_tokens", "report_to",
+    "micro_batch_tokens", "compile_decode", "report_to",
 }  # fmt: skip
 
 

@@ -884,7 +884,7 @@ dist.destroy_process_group()
 """
 
 
-def fixed_tree(model, tokenizer, prompt_ids, k, m, cfg, do_sample=True, vision=None) -> G.Tree:
+def fixed_tree(model, tokenizer, prompt_ids, k, m, cfg, do_sample=True, vision=None, caches=None) -> G.Tree:
     """In place of sampling: thoughts and answers of digits drawn from each prompt's own tokens, so a prompt
     grows the same tree in whichever process takes it."""
     digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]

@@ -207,6 +207,72 @@ def test_one_token_prompts_and_one_token_budgets_continue_the_cache(tiny_model, 
 
 
 # ------------------------------------------------------------------------------------------------
+# compiled decoding on static caches, what a GPU runs: the same tokens, compiled once per run
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompile(
+    warm, monkeypatch, backend
+):
+    """With the run's StaticCaches, generate() decodes on static caches through its compiled forward: greedy
+    and seeded sampled trees equal the dynamic-cache path's token for token, on padded prompts and on prompts
+    of one width, and after the first step nothing compiles again (torch raises on a recompile). The eager
+    backend traces and guards as inductor does (what recompiles) in seconds; inductor's code is in the slow
+    test."""
+    from torch._dynamo.utils import counters
+
+    real_config = G.compile_config
+
+    def compile_config(device):
+        config = real_config(device)
+        config.backend = backend
+        return config
+
+    monkeypatch.setattr(G, "compile_config", compile_config)
+    model, tokenizer, prompt_ids = warm
+    cfg = G.Config(max_thought_tokens=16, max_answer_tokens=6)
+    caches = G.StaticCaches(model.config)
+    start = counters["stats"]["unique_graphs"]
+    widths = []  # the tokens each forward is fed: the static path reads nothing the cache holds again
+    prepare = model.prepare_inputs_for_generation
+
+    def recording_prepare(*args, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        widths.append(tuple(inputs["input_ids"].shape))
+        return inputs
+
+    monkeypatch.setattr(model, "prepare_inputs_for_generation", recording_prepare)
+    one_token = [prompt[-1:] for prompt in prompt_ids]  # nothing to prefill: the caches start empty
+    steps = [prompt_ids, [prompt_ids[0]] * 6, one_token, prompt_ids[::-1], [prompt_ids[1]] * 6]
+    for step, prompts in enumerate(steps):
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.compiler.set_stance("fail_on_recompile" if step else "default"):
+            for do_sample in (False, True):
+                torch.manual_seed(step)
+                got = G.sample_tree(model, tokenizer, prompts, 2, 3, cfg, do_sample, caches=caches)
+                got_widths = widths[:]
+                widths.clear()
+                torch.manual_seed(step)
+                expected = G.sample_tree(model, tokenizer, prompts, 2, 3, cfg, do_sample)
+                for name in TREE_FIELDS:
+                    assert getattr(got, name) == getattr(expected, name), (step, do_sample, name)
+                assert got_widths == widths
+                widths.clear()
+        if step == 0:
+            assert counters["stats"]["unique_graphs"] > start  # it compiled
+        else:
+            assert counters["stats"]["unique_graphs"] == graphs
+    assert len(caches.caches) == 2  # one static cache per row count: 6 * 2 thoughts, 6 * 2 * 3 answers
+
+
+def test_compiled_decoding_is_on_when_asked_and_by_default_on_cuda_only():
+    assert G.start_run(G.Config(warmup_steps=0)).decode_caches is None  # auto, on a CPU
+    assert G.start_run(G.Config(warmup_steps=0, compile_decode="off")).decode_caches is None
+    assert isinstance(
+        G.start_run(G.Config(warmup_steps=0, compile_decode="on")).decode_caches, G.StaticCaches
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # the stop check: token ids, not text
 # ------------------------------------------------------------------------------------------------
 def test_the_stop_check_is_built_once_per_tokenizer(tokenizer):
