@@ -543,7 +543,7 @@ def sample_tree(
     close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
     ids, mask, cache = read_prefixes(model, tokenizer, prompt_ids, vision)
     stages = [None, None]  # the static caches of stage 1 (P*K rows) and stage 2 (P*K*M rows)
-    if caches is not None and not any(vision or []):
+    if caches is not None and not hasattr(model.config, "vision_config"):  # M-RoPE: the dynamic path
         length = ids.shape[1] + cfg.max_thought_tokens + 1 + len(close) + cfg.max_answer_tokens
         stages = [caches.get(len(prompt_ids) * k, length), caches.get(len(prompt_ids) * k * m, length)]
     budget = cfg.max_thought_tokens
