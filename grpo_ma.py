@@ -455,9 +455,9 @@ def repeat_into(source, target, n: int) -> None:
     """target's first columns <- source's, each row repeated n times: batch_repeat_interleave
     into a static cache, which has none of its own."""
     columns = int(source.get_seq_length())
+    if columns == 0:  # a prompt of one token: nothing was prefilled
+        return
     for source_layer, layer in zip(source.layers, target.layers):
-        if columns == 0:
-            continue
         keys = source_layer.keys[:, :, :columns].repeat_interleave(n, 0)
         values = source_layer.values[:, :, :columns].repeat_interleave(n, 0)
         if not layer.is_initialized:
@@ -1101,6 +1101,7 @@ def evaluate(run: Run, cfg: Config, examples: list[Example] | None = None) -> di
     """Held-out accuracy with one thought and one answer per prompt, greedy and sampled (from
     torch's global RNG, like training)."""
     examples = run.eval_examples if examples is None else examples
+    policy = rollout_policy(run)  # once, outside autocast: the adapters fold in at full precision
     accuracy = {}
     for mode in ("greedy", "sampled"):
         correct = 0
@@ -1108,10 +1109,8 @@ def evaluate(run: Run, cfg: Config, examples: list[Example] | None = None) -> di
             part = examples[start : start + 100]
             _, prompt_ids, vision = encode_prompts(run.tokenizer, part, run.processor)
             with forward_precision(cfg, run.device):
-                policy = rollout_policy(run)
-                sampled = mode == "sampled"
                 tree = sample_tree(
-                    policy, run.tokenizer, prompt_ids, 1, 1, cfg, sampled, vision, run.decode_caches
+                    policy, run.tokenizer, prompt_ids, 1, 1, cfg, mode == "sampled", vision, run.decode_caches
                 )
             correct += sum(run.is_correct(tree.answers[p][0][0], e) for p, e in enumerate(part))
         accuracy[f"eval_{mode}_accuracy"] = correct / len(examples)
@@ -1212,11 +1211,10 @@ def train_step(
     share = cfg.prompts_per_step // processes.count
     examples = examples[processes.rank * share : (processes.rank + 1) * share]
     prompts, prompt_ids, vision = encode_prompts(run.tokenizer, examples, run.processor)
+    policy = rollout_policy(run)  # outside autocast: the adapters fold in at full precision
     with forward_precision(cfg, run.device):
-        policy = rollout_policy(run)
-        tree_size = (cfg.thoughts, cfg.answers)
         tree = sample_tree(
-            policy, run.tokenizer, prompt_ids, *tree_size, cfg, True, vision, run.decode_caches
+            policy, run.tokenizer, prompt_ids, cfg.thoughts, cfg.answers, cfg, True, vision, run.decode_caches
         )
     scores = score_answers(run.reward_fns, tree, examples, prompts)  # "total": (P, K, M)
     pool = dict(answer_pool=cfg.answer_pool, scale=cfg.scale_rewards, ddof=cfg.ddof)

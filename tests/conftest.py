@@ -310,3 +310,22 @@ def sample_continuations(model, tokenizer, prefixes, n, budget, stop, cfg, do_sa
 def prefix(tree, p: int, k: int) -> list[int]:
     """Prompt + thought + forced close: what every answer of thought (p, k) continues."""
     return tree.prompt_ids[p] + tree.thought_ids[p][k] + tree.forced_close[p][k]
+
+
+def tiny_counting_vlm():
+    """The tiny Qwen2-VL of the counting demo (torch seeded 0), its left-padding tokenizer, its processor,
+    and three counting examples with their images, of two question lengths at least."""
+    from demos import counting_vlm as C
+
+    torch.manual_seed(0)
+    tokenizer = C.build_vlm_tokenizer()
+    tokenizer.padding_side = "left"
+    processor = C.build_vlm_processor(tokenizer)
+    model = C.build_tiny_vlm(tokenizer).eval()
+    rng = random.Random(0)
+    examples = []
+    while len({e.question for e in examples}) < 2:
+        fields = C.make_counting_example(rng)
+        fields.pop("description")
+        examples.append(G.Example(**fields))
+    return model, tokenizer, processor, examples[-3:]

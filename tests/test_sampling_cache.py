@@ -9,10 +9,9 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import prefix, sample_continuations
+from conftest import prefix, sample_continuations, tiny_counting_vlm
 
 import grpo_ma as G
-from demos import counting_vlm as C
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -331,22 +330,12 @@ def test_a_marker_of_several_tokens_stops_where_stop_strings_stops(tokenizer, mo
 @pytest.fixture(scope="module")
 def vlm(one_torch_thread):
     """test_vlm.py's tiny Qwen2-VL, with two prompts of different lengths and their images."""
-    torch.manual_seed(0)
-    tokenizer = C.build_vlm_tokenizer()
-    tokenizer.padding_side = "left"
-    processor = C.build_vlm_processor(tokenizer)
-    model = C.build_tiny_vlm(tokenizer).eval()
+    model, tokenizer, processor, examples = tiny_counting_vlm()
     with torch.no_grad():  # larger language weights than the init's: thoughts that depend on the prompt
         for name, weight in model.named_parameters():
             if weight.dim() > 1 and "visual" not in name:
                 weight.normal_(0, 0.2)
-    rng = random.Random(0)
-    examples = []
-    while len({e.question for e in examples}) < 2:  # two question lengths at least
-        fields = C.make_counting_example(rng)
-        fields.pop("description")
-        examples.append(G.Example(**fields))
-    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples[-3:], processor)
+    _, prompt_ids, vision = G.encode_prompts(tokenizer, examples, processor)
     return model, tokenizer, prompt_ids, vision
 
 

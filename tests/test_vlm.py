@@ -4,36 +4,23 @@ forward's log-probs and gradients equal a plain forward of every full row, in wh
 own 3-D rotary positions (M-RoPE). Prompts differ in length, so rows are padded differently. Qwen2.5-VL,
 whose vision tower attends within windows, is checked in test_qwen2_5_vl.py."""
 
-import random
-
 import pytest
 import torch
 from conftest import (
     assert_cached_sampling_equals_plain_generate,
     assert_tree_forward_equals_plain_forwards,
+    tiny_counting_vlm,
     vlm_tree,
 )
 
 import grpo_ma as G
-from demos import counting_vlm as C
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def vlm():
-    torch.manual_seed(0)
-    tokenizer = C.build_vlm_tokenizer()
-    tokenizer.padding_side = "left"
-    processor = C.build_vlm_processor(tokenizer)
-    model = C.build_tiny_vlm(tokenizer).eval()
-    rng = random.Random(0)
-    examples = []
-    while len({e.question for e in examples}) < 2:  # two question lengths at least
-        fields = C.make_counting_example(rng)
-        fields.pop("description")
-        examples.append(G.Example(**fields))
-    return model, tokenizer, processor, examples[-3:]
+    return tiny_counting_vlm()
 
 
 def test_prompts_hold_their_image_tokens_and_pixels(vlm):
