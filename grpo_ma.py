@@ -370,15 +370,19 @@ def right_pad(rows: list[list], value) -> list[list]:
 def model_inputs(model, ids: torch.Tensor, mask: torch.Tensor, vision: list | None = None) -> dict:
     """Inputs of a left-padded batch (B, L), positions counted from a row's first real token,
     as generate() counts. A vision-language Qwen also takes its rows' images (`vision`: [B]
-    image inputs or None) and 3-D rotary positions (3, B, L) from its own get_rope_index."""
+    image inputs or None) and 3-D rotary positions (3, B, L) from its own get_rope_index. Its
+    rope offsets (B, 1), from which generate() continues each row's positions, are set on every
+    call: a text-only batch's are zero, never the previous batch's."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+    rope = next((module for module in model.modules() if hasattr(module, "get_rope_index")), None)
     images = [row for row in vision or [] if row is not None]
+    if rope is not None and not images:
+        rope.rope_deltas = torch.zeros_like(ids[:, :1])
     if not images:
         return inputs
     grid = torch.cat([row["image_grid_thw"] for row in images]).to(ids.device)
     inputs["pixel_values"] = torch.cat([row["pixel_values"] for row in images]).to(ids.device)
-    rope = next(module for module in model.modules() if hasattr(module, "get_rope_index"))
     image_tokens = (ids == model.config.image_token_id).int()
     positions, deltas = rope.get_rope_index(ids, image_tokens, grid, attention_mask=mask)
     rope.rope_deltas = deltas  # (B, 1): generate() continues each row's positions from these

@@ -353,3 +353,22 @@ def test_vlm_answers_continued_from_the_thought_cache_equal_answers_from_re_enco
     assert_same_tree(got, expected, got_logits, expected_logits)
     thoughts, _ = endings(got)
     assert thoughts["stop"] and thoughts["forced"]
+
+
+def test_a_vlm_samples_text_only_prompts_after_image_prompts_as_it_does_before_any(vlm):
+    """A text-only batch sets its rope offsets to zero: the image rollout's offsets (12 rows: 2 prompts x 2
+    thoughts x 3 answers) would broadcast over 6 text prompts x 2 thoughts and shift their positions."""
+    model, tokenizer, prompt_ids, vision = vlm
+    cfg = G.Config(max_thought_tokens=8, max_answer_tokens=4)
+    questions = ["3 dots?", "how many?", "count them", "1+1?", "two", "seven squares?"]
+    text_prompts = [
+        tokenizer.encode(G.format_prompt(tokenizer, q), add_special_tokens=False) for q in questions
+    ]
+    rope = next(module for module in model.modules() if hasattr(module, "get_rope_index"))
+    rope.rope_deltas = None
+    before = G.sample_tree(model, tokenizer, text_prompts, 2, 3, cfg, False)
+    G.sample_tree(model, tokenizer, prompt_ids, 2, 3, cfg, False, vision)
+    assert rope.rope_deltas.shape == (12, 1) and rope.rope_deltas.abs().sum() > 0
+    after = G.sample_tree(model, tokenizer, text_prompts, 2, 3, cfg, False)
+    for name in TREE_FIELDS:
+        assert getattr(after, name) == getattr(before, name), name
