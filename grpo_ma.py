@@ -541,13 +541,13 @@ def sample_tree(
     continue the thoughts' KV cache. A thought that ended by eos or budget is closed by appending
     </think> (never trained on); a sampled eos stays in it and is trained on, or nothing would
     teach the policy not to end a thought. `vision`: [P] image inputs (or None) for a VLM.
-    With the run's `caches` (StaticCaches), a text model decodes on static caches, compiled."""
+    With the run's `caches` (StaticCaches), it decodes on static caches, compiled."""
     was_training = model.training
     model.eval()
     close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
     ids, mask, cache = read_prefixes(model, tokenizer, prompt_ids, vision)
     stages = [None, None]  # the static caches of stage 1 (P*K rows) and stage 2 (P*K*M rows)
-    if caches is not None and not hasattr(model.config, "vision_config"):  # M-RoPE: the dynamic path
+    if caches is not None:
         length = ids.shape[1] + cfg.max_thought_tokens + 1 + len(close) + cfg.max_answer_tokens
         stages = [caches.get(len(prompt_ids) * k, length), caches.get(len(prompt_ids) * k * m, length)]
     budget = cfg.max_thought_tokens

@@ -4,6 +4,7 @@ prompt + thought (+ forced </think>), kept here as the reference, greedy and sam
 and for a vision-language Qwen2-VL (M-RoPE). And the stop check compares token ids instead of matching
 text."""
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -208,22 +209,9 @@ def test_one_token_prompts_and_one_token_budgets_continue_the_cache(tiny_model, 
 # ------------------------------------------------------------------------------------------------
 # compiled decoding on static caches, what a GPU runs: the same tokens, compiled once per run
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("backend", "precision"),
-    [("eager", "fp32"), ("eager", "bf16"), pytest.param("inductor", "fp32", marks=pytest.mark.slow)],
-)
-def test_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompile(
-    warm, monkeypatch, backend, precision
-):
-    """With the run's StaticCaches, generate() decodes on static caches through its compiled forward: greedy
-    and seeded sampled trees equal the dynamic-cache path's token for token, on padded prompts and on prompts
-    of one width, and after the first step nothing compiles again (torch raises on a recompile). The eager
-    backend traces and guards as inductor does (what recompiles) in seconds; inductor's code is in the slow
-    test. bf16: under CPU autocast, as CUDA runs it (the caches take the dtypes autocast gives keys and
-    values), greedy only: a static cache attends over more (masked) columns, so its bf16 sums round apart
-    from the dynamic cache's and a seeded draw near a boundary may flip."""
-    from torch._dynamo.utils import counters
-
+def compiled_with(backend: str, monkeypatch) -> None:
+    """generate()'s decode step compiled by `backend`: eager traces and guards as inductor does (what
+    recompiles) in seconds; inductor's code is what a GPU runs."""
     real_config = G.compile_config
 
     def compile_config(device):
@@ -232,11 +220,18 @@ def test_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompi
         return config
 
     monkeypatch.setattr(G, "compile_config", compile_config)
-    model, tokenizer, prompt_ids = warm
-    cfg = G.Config(max_thought_tokens=16, max_answer_tokens=6, precision=precision)
+
+
+def assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, samplings, monkeypatch):
+    """For each step's (prompts, images): the tree sampled on the run's StaticCaches equals the dynamic-cache
+    tree of the same seed, for each do_sample of `samplings`; every generate() step is fed the same widths
+    (nothing the cache holds is read again); the first step compiles and later ones never recompile (torch
+    raises on a recompile). Returns the StaticCaches."""
+    from torch._dynamo.utils import counters
+
     caches = G.StaticCaches(model.config)
     start = counters["stats"]["unique_graphs"]
-    widths = []  # the tokens each forward is fed: the static path reads nothing the cache holds again
+    widths = []
     prepare = model.prepare_inputs_for_generation
 
     def recording_prepare(*args, **kwargs):
@@ -245,20 +240,18 @@ def test_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompi
         return inputs
 
     monkeypatch.setattr(model, "prepare_inputs_for_generation", recording_prepare)
-    one_token = [prompt[-1:] for prompt in prompt_ids]  # nothing to prefill: the caches start empty
-    steps = [prompt_ids, [prompt_ids[0]] * 6, one_token, prompt_ids[::-1], [prompt_ids[1]] * 6]
-    for step, prompts in enumerate(steps):
+    for step, (prompts, vision) in enumerate(steps):
         graphs = counters["stats"]["unique_graphs"]
         with torch.compiler.set_stance("fail_on_recompile" if step else "default"):
-            for do_sample in (False, True) if precision == "fp32" else (False,):
+            for do_sample in samplings:
                 torch.manual_seed(step)
                 with G.forward_precision(cfg, torch.device("cpu")):
-                    got = G.sample_tree(model, tokenizer, prompts, 2, 3, cfg, do_sample, caches=caches)
+                    got = G.sample_tree(model, tokenizer, prompts, 2, 3, cfg, do_sample, vision, caches)
                 got_widths = widths[:]
                 widths.clear()
                 torch.manual_seed(step)
                 with G.forward_precision(cfg, torch.device("cpu")):
-                    expected = G.sample_tree(model, tokenizer, prompts, 2, 3, cfg, do_sample)
+                    expected = G.sample_tree(model, tokenizer, prompts, 2, 3, cfg, do_sample, vision)
                 for name in TREE_FIELDS:
                     assert getattr(got, name) == getattr(expected, name), (step, do_sample, name)
                 assert got_widths == widths
@@ -267,6 +260,29 @@ def test_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompi
             assert counters["stats"]["unique_graphs"] > start  # it compiled
         else:
             assert counters["stats"]["unique_graphs"] == graphs
+    return caches
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision"),
+    [("eager", "fp32"), ("eager", "bf16"), pytest.param("inductor", "fp32", marks=pytest.mark.slow)],
+)
+def test_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompile(
+    warm, monkeypatch, backend, precision
+):
+    """Greedy and seeded sampled trees on static caches equal the dynamic-cache path's on padded prompts, on
+    prompts of one width and on one-token prompts (nothing prefilled), and nothing compiles after the first
+    step. bf16: under CPU autocast, as CUDA runs it (the caches take the dtypes autocast gives keys and
+    values), greedy only: a static cache attends over more (masked) columns, so its bf16 sums round apart
+    from the dynamic cache's and a seeded draw near a boundary may flip."""
+    compiled_with(backend, monkeypatch)
+    model, tokenizer, prompt_ids = warm
+    cfg = G.Config(max_thought_tokens=16, max_answer_tokens=6, precision=precision)
+    one_token = [prompt[-1:] for prompt in prompt_ids]  # nothing to prefill: the caches start empty
+    prompts = [prompt_ids, [prompt_ids[0]] * 6, one_token, prompt_ids[::-1], [prompt_ids[1]] * 6]
+    samplings = (False, True) if precision == "fp32" else (False,)
+    steps = [(step, None) for step in prompts]
+    caches = assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, samplings, monkeypatch)
     assert len(caches.caches) == 2  # one static cache per row count: 6 * 2 thoughts, 6 * 2 * 3 answers
 
 
@@ -329,8 +345,13 @@ def test_a_marker_of_several_tokens_stops_where_stop_strings_stops(tokenizer, mo
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vlm(one_torch_thread):
-    """test_vlm.py's tiny Qwen2-VL, with two prompts of different lengths and their images."""
+    """test_vlm.py's tiny Qwen2-VL, with two prompts of different lengths and their images, the second
+    one half as tall again: another patch grid, so the rows' rope offsets differ (-6 and -3)."""
     model, tokenizer, processor, examples = tiny_counting_vlm()
+    image = examples[1].images[0]
+    examples[1] = dataclasses.replace(
+        examples[1], images=[image.resize((image.width, image.height * 3 // 2))]
+    )
     with torch.no_grad():  # larger language weights than the init's: thoughts that depend on the prompt
         for name, weight in model.named_parameters():
             if weight.dim() > 1 and "visual" not in name:
@@ -346,7 +367,7 @@ def test_vlm_answers_continued_from_the_thought_cache_equal_answers_from_re_enco
     """Rows with images, thoughts closed at different steps and by force: positions after the masked holes are
     M-RoPE's, read from each row's rope delta; the log-probs of every step match the re-encoding path's."""
     model, tokenizer, prompt_ids, vision = vlm
-    cfg = G.Config(max_thought_tokens=8, max_answer_tokens=4, temperature=1.0)
+    cfg = G.Config(max_thought_tokens=12, max_answer_tokens=4, temperature=1.0)
     got, expected, got_logits, expected_logits = both_trees(
         model, tokenizer, prompt_ids, 2, 3, cfg, do_sample, monkeypatch, vision
     )
@@ -372,3 +393,22 @@ def test_a_vlm_samples_text_only_prompts_after_image_prompts_as_it_does_before_a
     after = G.sample_tree(model, tokenizer, text_prompts, 2, 3, cfg, False)
     for name in TREE_FIELDS:
         assert getattr(after, name) == getattr(before, name), name
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_vlm_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompile(
+    vlm, monkeypatch, backend
+):
+    """The same for rows with images: generate() continues each row's M-RoPE positions from its rope offset
+    outside the compiled step, which is fed them as input, so image rows, the same prompts in another order,
+    one prompt repeated and text-only rows all decode through the graphs of the first step."""
+    compiled_with(backend, monkeypatch)
+    model, tokenizer, prompt_ids, vision = vlm
+    cfg = G.Config(max_thought_tokens=8, max_answer_tokens=4, temperature=1.0)
+    n = len(prompt_ids)
+    text = [
+        tokenizer.encode(G.format_prompt(tokenizer, q), add_special_tokens=False) for q in ["3?", "count"]
+    ]
+    steps = [(prompt_ids, vision), (prompt_ids[::-1], vision[::-1]), ([prompt_ids[0]] * n, [vision[0]] * n)]
+    steps.append(((text * n)[:n], None))
+    assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, (False, True), monkeypatch)
