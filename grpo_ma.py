@@ -1067,9 +1067,15 @@ def start_run(
     eval_examples = held_out_examples(cfg) if eval_examples is None else list(eval_examples)
     task = (pool, eval_examples, reward_fns or reward_functions(cfg), is_correct)
     run = Run(policy, tokenizer, processor, device, random.Random(cfg.seed), *task, TreeForward(policy))
-    if cfg.compile_decode == "on" or (cfg.compile_decode == "auto" and device.type == "cuda"):
-        run.decode_caches = StaticCaches(policy.config)
+    run.decode_caches = static_decode_caches(cfg, policy, device)
     return run
+
+
+def static_decode_caches(cfg: Config, policy, device: torch.device) -> StaticCaches | None:
+    """The rollouts' static caches when decoding is compiled: --compile-decode on, or auto on CUDA."""
+    if cfg.compile_decode == "on" or (cfg.compile_decode == "auto" and device.type == "cuda"):
+        return StaticCaches(policy.config)
+    return None
 
 
 def supervised_warmup(run: Run, cfg: Config) -> list[float]:

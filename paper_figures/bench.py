@@ -11,7 +11,6 @@ and defines every field in its "about"; bench.md is rendered from it. The method
 """
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -24,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ import torch
 import transformers
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models
+from torch._dynamo.utils import counters
 
 import grpo_ma as G
 from demos import counting_vlm, gsm8k_qwen, vlm_qwen
@@ -71,6 +72,9 @@ ABOUT = {
     "peak resident set size in /proc/self/status",
     "update_peak_bytes": "the same peak from the end of the second step's sampling to the end of that step",
     "learning": "grpo_ma.py's defaults, `steps` steps after its warm-up: held-out greedy accuracy",
+    "compiled_decode": "whether rollouts decoded on static caches through the compiled step (on CUDA)",
+    "graphs_compiled_in_second_step": "graphs torch compiled in the second step: 0 when nothing recompiles",
+    "cudagraph_skips": "compiled graphs run without CUDA graphs, both steps (on CUDA: 0 when all replay)",
 }
 
 
@@ -135,10 +139,9 @@ def recipe_config(defaults: dict, k: int, m: int, changes: dict) -> dict:
 
 
 def plan_settings(plan: str) -> list[Setting]:
-    """The embedded default, the GSM8K recipe's 0.5B as T16A1 and T4A4, the VLM recipe's 3B with LoRA as
-    T4A4 and T16A1, then (with the scale's `figures`) the CPU figures at the 0.5B shape: the update's peak
-    at a fixed micro-batch token budget for 1 and 8 prompts per step, and one step's forward passes at
-    growing budgets."""
+    """The embedded default, the GSM8K recipe's 0.5B and the VLM recipe's 3B with LoRA as T16A1 and T4A4,
+    then (with the scale's `figures`) the CPU figures at the 0.5B shape: the update's peak for 1 and 8
+    prompts per step at one micro-batch token budget, and one step's forward passes at growing budgets."""
     scale = SCALES[plan]
     gsm8k = gsm8k_qwen.GPU_DEFAULTS
     settings = [Setting("embedded default T4A4", "embedded", {}, plan)]  # grpo_ma.Config() in every plan
@@ -233,6 +236,7 @@ def start_setting(setting: Setting, device: str) -> tuple[G.Run, G.Config]:
     task = dict(pool=pool, eval_examples=pool or G.held_out_examples(cfg), is_correct=G.answer_is_correct)
     task |= dict(reward_fns=G.reward_functions(cfg), data_rng=random.Random(cfg.seed))
     run = G.Run(model, tokenizer, processor, device_, **task, forward=G.TreeForward(model))
+    run.decode_caches = G.static_decode_caches(cfg, model, device_)  # as grpo_ma.start_run sets them
     with tempfile.TemporaryDirectory() as out:  # add_adapters only names the base in the adapter's config
         G.add_adapters(run, cfg, Path(out))
     return run, cfg
@@ -257,7 +261,6 @@ def reset_memory_peak(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-@contextlib.contextmanager
 def watching_rollouts(trees: list, peaks: list, device: torch.device):
     """train_step does not return its tree: keep each one sample_tree returns, note the peak so far in `peaks`
     and start it again, so that the peak read after the step is the update's."""
@@ -270,11 +273,7 @@ def watching_rollouts(trees: list, peaks: list, device: torch.device):
         reset_memory_peak(device)
         return tree
 
-    G.sample_tree = sample_and_keep
-    try:
-        yield
-    finally:
-        G.sample_tree = sample_tree
+    return unittest.mock.patch.object(G, "sample_tree", sample_and_keep)
 
 
 # ======== the measurements (each in a fresh child process) ======================================
@@ -297,11 +296,13 @@ def measure_setting(setting: Setting, device: str) -> dict:
     peaks = []  # the process's peak, in parts: the watcher restarts it after each rollout
     for step in (1, 2):
         trees = []
+        graphs = counters["stats"]["unique_graphs"]
         with watching_rollouts(trees, peaks, run.device):
             record = G.train_step(step, run, optimizer, progress, reference, cfg)
         if run.device.type == "cuda":  # the optimizer step's kernels may still be queued
             torch.cuda.synchronize()
         record |= dict(generate_steps=generate_steps(trees[0]), update_peak_bytes=memory_peak(run.device))
+        record["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
         records.append(record)
     first, second = records
     text_config = run.policy.config.get_text_config()
@@ -319,6 +320,9 @@ def measure_setting(setting: Setting, device: str) -> dict:
     row |= dict(tokens_generated=second["tokens_generated"], micro_batches=second["micro_batches"])
     row["peak_bytes"] = max(peaks + [memory_peak(run.device)])
     row["update_peak_bytes"] = second["update_peak_bytes"]
+    row["compiled_decode"] = run.decode_caches is not None
+    row["graphs_compiled_in_second_step"] = second["graphs_compiled"]
+    row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     return row
 
 
@@ -418,13 +422,13 @@ def write_results(block: dict, device: str, results_dir: Path) -> dict:
 HEADER = (
     "| device | setting | layers | prompts | thought/answer budget | micro-batch tokens | rollout s "
     "| update s | first-step extra s | decode steps | decode ms/step | tokens | micro-batches | peak GiB "
-    "| update peak GiB |"
+    "| update peak GiB | compiled decode: new graphs in step 2, CUDA-graph skips |"
 )
 ROW = (
     "| {device} | {name} | {text_layers} | {prompts_per_step} | {max_thought_tokens}/{max_answer_tokens} "
     "| {micro_batch_tokens} | {rollout_seconds:.2f} | {update_seconds:.2f} | {first_step_extra_seconds:.2f} "
     "| {generate_steps} | {decode_ms_per_step:.1f} | {tokens_generated:,} | {micro_batches} | {peak_gib:.2f} "
-    "| {update_peak_gib:.2f} |"
+    "| {update_peak_gib:.2f} | {compiled} |"
 )
 
 
@@ -440,7 +444,9 @@ def render_markdown(results: dict) -> str:
                 lines.append(f"| {device} | {row['name']} | failed: {row['error']} |")
                 continue
             gib = dict(peak_gib=row["peak_bytes"] / GIB, update_peak_gib=row["update_peak_bytes"] / GIB)
-            lines.append(ROW.format(device=device, **row, **gib))
+            graphs = (row.get("graphs_compiled_in_second_step"), row.get("cudagraph_skips"))
+            compiled = f"{graphs[0]}, {graphs[1]}" if row.get("compiled_decode") else "off"
+            lines.append(ROW.format(device=device, **row, **gib, compiled=compiled))
         where = f"{block['machine']['device']} ({block['machine']['cpu']})"
         notes.append(f"- {device}: {where}, plan `{block['plan']}`, {block['generated']}.")
         if block["memory_growth_1_to_8_prompts"] is not None:

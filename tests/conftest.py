@@ -329,3 +329,16 @@ def tiny_counting_vlm():
         fields.pop("description")
         examples.append(G.Example(**fields))
     return model, tokenizer, processor, examples[-3:]
+
+
+def compiled_with(backend: str, monkeypatch) -> None:
+    """generate()'s decode step compiled by `backend`: eager traces and guards as inductor does (what
+    recompiles) in seconds; inductor's code is what a GPU runs."""
+    real_config = G.compile_config
+
+    def compile_config(device):
+        config = real_config(device)
+        config.backend = backend
+        return config
+
+    monkeypatch.setattr(G, "compile_config", compile_config)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import compiled_with
 
 from demos import gsm8k_qwen, vlm_qwen
 from paper_figures import bench as B
@@ -15,6 +16,7 @@ ROW_FIELDS = {
     "prompts_per_step", "max_thought_tokens", "max_answer_tokens", "micro_batch_tokens", "lora_rank",
     "image_pixels", "rollout_seconds", "update_seconds", "first_step_extra_seconds", "generate_steps",
     "decode_ms_per_step", "tokens_generated", "micro_batches", "peak_bytes", "update_peak_bytes",
+    "compiled_decode", "graphs_compiled_in_second_step", "cudagraph_skips",
 }  # fmt: skip
 WHOLE_STEP_NAMES = [
     "embedded default T4A4", "0.5B GSM8K T16A1", "0.5B GSM8K T4A4", "VL-3B LoRA T4A4", "VL-3B LoRA T16A1",
@@ -63,6 +65,29 @@ def test_the_shapes_are_the_ones_asked_for(written):
         assert 0 < rows[name]["trainable_parameters"] < rows[name]["parameters"]  # LoRA: only the adapters
     assert rows["0.5B GSM8K T16A1"]["trainable_parameters"] == rows["0.5B GSM8K T16A1"]["parameters"]
     assert rows["0.5B GSM8K T16A1"]["config"] == "T16A1" and rows["0.5B GSM8K T4A4"]["config"] == "T4A4"
+
+
+def test_a_cpu_run_decodes_as_grpo_ma_does_on_a_cpu_without_compiling(written):
+    _, block = written
+    for row in block["settings"]:
+        assert not row["compiled_decode"] and row["graphs_compiled_in_second_step"] == 0, row["name"]
+    assert "| off |" in B.render_markdown({"devices": {"cpu": block}})
+
+
+@pytest.mark.parametrize("name", ["0.5B GSM8K T4A4", "VL-3B LoRA T4A4"])
+def test_with_compiled_decoding_the_recipe_shapes_decode_compiled_and_step_2_compiles_nothing(
+    name, monkeypatch
+):
+    """What --device cuda measures (compile_decode auto is on there), on the CPU with compile_decode on and
+    the eager backend: the recipe shapes decode on the run's static caches (the LoRA one from its folded
+    copy, rewritten in place after the first update), and the second step compiles no graph."""
+    compiled_with("eager", monkeypatch)
+    torch.set_num_threads(1)
+    setting = next(setting for setting in B.plan_settings("tiny") if setting.name == name)
+    setting = B.dataclasses.replace(setting, config=setting.config | {"compile_decode": "on"})
+    row = B.measure_setting(setting, "cpu")
+    assert row["compiled_decode"] and row["graphs_compiled_in_second_step"] == 0
+    assert row["generate_steps"] > 2
 
 
 def test_the_gpu_plan_runs_the_recipes_defaults_at_full_shapes():
@@ -119,6 +144,7 @@ def test_a_cpu_run_writes_no_cuda_block(written):
     assert set(results["devices"]) == {"cpu"}
     measured = {"rollout_seconds", "update_seconds", "first_step_extra_seconds", "generate_steps"}
     measured |= {"decode_ms_per_step", "tokens_generated", "micro_batches", "peak_bytes", "update_peak_bytes"}
+    measured |= {"compiled_decode", "graphs_compiled_in_second_step", "cudagraph_skips"}
     assert measured <= set(results["about"])  # every measured field is defined
     text = (folder / "bench.md").read_text()
     assert "cuda: not measured" in text

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import prefix, sample_continuations, tiny_counting_vlm
+from conftest import compiled_with, prefix, sample_continuations, tiny_counting_vlm
 
 import grpo_ma as G
 
@@ -209,19 +209,6 @@ def test_one_token_prompts_and_one_token_budgets_continue_the_cache(tiny_model, 
 # ------------------------------------------------------------------------------------------------
 # compiled decoding on static caches, what a GPU runs: the same tokens, compiled once per run
 # ------------------------------------------------------------------------------------------------
-def compiled_with(backend: str, monkeypatch) -> None:
-    """generate()'s decode step compiled by `backend`: eager traces and guards as inductor does (what
-    recompiles) in seconds; inductor's code is what a GPU runs."""
-    real_config = G.compile_config
-
-    def compile_config(device):
-        config = real_config(device)
-        config.backend = backend
-        return config
-
-    monkeypatch.setattr(G, "compile_config", compile_config)
-
-
 def assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, samplings, monkeypatch):
     """For each step's (prompts, images): the tree sampled on the run's StaticCaches equals the dynamic-cache
     tree of the same seed, for each do_sample of `samplings`; every generate() step is fed the same widths
