@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import REWARDS, answer_length, read_metrics
+from conftest import REWARDS, answer_length, compiled_with, read_metrics
 from transformers import AutoModelForCausalLM
 
 import grpo_ma as G
@@ -156,28 +156,38 @@ def test_lora_base_is_stored_in_bf16_where_forwards_run_in_bf16(tmp_path):
     )
 
 
-def test_lora_rollouts_come_from_the_current_adapters_folded_into_a_copy_of_the_base(tmp_path):
+@pytest.mark.parametrize("backend", [None, "eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_lora_rollouts_come_from_the_current_adapters_folded_into_a_copy_of_the_base(
+    tmp_path, monkeypatch, backend
+):
     """Rollouts run on a plain copy of the base with (alpha / r) B A added to each adapted weight, refreshed
     from the adapters at each call: after the adapters change, its greedy and seeded sampled trees equal the
-    adapter-on policy's token for token, and differ from the adapter-off base's (the KL reference)."""
+    adapter-on policy's token for token, and differ from the adapter-off base's (the KL reference). With
+    compiled decoding (`backend`) too: the copy is rewritten in place, so the graphs compiled before the
+    change read the new weights."""
     cfg = G.Config(lora_rank=4, warmup_steps=0, max_thought_tokens=12, max_answer_tokens=6, device="cpu")
     run = G.start_run(cfg)
     G.add_adapters(run, cfg, tmp_path)
     sampler = G.rollout_policy(run)  # folded from the fresh adapters, which are about to change
     assert sampler is not run.policy and not any(p.requires_grad for p in sampler.parameters())
+    examples = G.sample_examples(random.Random(0), "addsub", 6, held_out=True)
+    _, prompt_ids, _ = G.encode_prompts(run.tokenizer, examples)
+    caches = None
+    if backend:
+        compiled_with(backend, monkeypatch)
+        caches = G.StaticCaches(sampler.config)
+        G.sample_tree(sampler, run.tokenizer, prompt_ids, 2, 2, cfg, False, None, caches)  # compiled here
     with torch.no_grad():
         for name, parameter in run.policy.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.3)
-    examples = G.sample_examples(random.Random(0), "addsub", 6, held_out=True)
-    _, prompt_ids, _ = G.encode_prompts(run.tokenizer, examples)
 
-    def tree(model, do_sample):
+    def tree(model, do_sample, caches=None):
         torch.manual_seed(1)
-        tree = G.sample_tree(model, run.tokenizer, prompt_ids, 2, 2, cfg, do_sample)
+        tree = G.sample_tree(model, run.tokenizer, prompt_ids, 2, 2, cfg, do_sample, None, caches)
         return tree.thought_ids, tree.answer_ids
 
     for do_sample in (False, True):
-        assert tree(G.rollout_policy(run), do_sample) == tree(run.policy, do_sample)
+        assert tree(G.rollout_policy(run), do_sample, caches) == tree(run.policy, do_sample)
     with run.policy.disable_adapter():
-        assert tree(run.policy, False) != tree(G.rollout_policy(run), False)
+        assert tree(run.policy, False) != tree(G.rollout_policy(run), False, caches)
