@@ -415,8 +415,10 @@ def stop_at(tokenizer, stop: str) -> Callable:
     marker = torch.tensor(tokenizer.encode(stop, add_special_tokens=False))
 
     def ends_with_marker(rows: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        nonlocal marker
+        marker = marker.to(rows.device)  # moved once: a copy to a GPU each step would wait for it
         last = F.pad(rows, (len(marker), 0), value=-1)[:, -len(marker) :]  # -1: a short row
-        return (last == marker.to(rows.device)).all(-1)
+        return (last == marker).all(-1)
 
     return ends_with_marker
 
@@ -483,21 +485,25 @@ def compile_config(device: torch.device):
 
 
 @torch.no_grad()
-def sample_rows(model, tokenizer, rows, cache, n, budget: int, stop: str, cfg, do_sample, static=None):
+def sample_rows(model, tokenizer, rows, cache, n, budget, stop, cfg, do_sample, static=None, rules=None):
     """n continuations of each row of rows = (ids, mask), (B, L), from exactly softmax(logits / T)
     (every knob a checkpoint's generation_config may set is pinned), cut by `cut_at_stop`. The
     cache of the rows' first columns is repeated n times, never recomputed: in place, or into
-    `static`, a StaticCache that compiled decoding continues.
+    `static`, a StaticCache that compiled decoding continues. With `rules` (ThoughtThenAnswer) in
+    place of the stop check and eos, the rows come back uncut: ([], (ids, None)).
     Returns ([(ids, how it ended)] row-major: continuation j of row i is i*n+j, and the B*n rows
     with their continuations: (ids, mask 1 on the kept tokens)); the cache then holds them."""
     if do_sample:
         kwargs = dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
     else:
         kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
-    kwargs |= dict(
-        max_new_tokens=budget, repetition_penalty=1.0, stopping_criteria=[stop_at(tokenizer, stop)]
-    )
-    kwargs |= dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs |= dict(max_new_tokens=budget, repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id)
+    if rules is None:
+        kwargs |= dict(stopping_criteria=[stop_at(tokenizer, stop)], eos_token_id=tokenizer.eos_token_id)
+    else:  # the rules end the rows (an eos may end a thought, not its row) and force the closes
+        kwargs |= dict(
+            stopping_criteria=[rules.done], logits_processor=[rules.force_close], eos_token_id=None
+        )
     # a VLM never writes an image marker: one in a thought would read as a missing image
     markers = [getattr(model.config, f"{name}_token_id", None) for name in VISION_MARKERS]
     kwargs["suppress_tokens"] = [token for token in markers if token is not None]
@@ -512,6 +518,8 @@ def sample_rows(model, tokenizer, rows, cache, n, budget: int, stop: str, cfg, d
             module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
     ids, mask = (part.repeat_interleave(n, dim=0) for part in rows)
     out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kwargs)
+    if rules is not None:
+        return [], (out, None)
     new = out[:, ids.shape[1] :]
     continuations = [cut_at_stop(row, tokenizer, stop) for row in new.tolist()]
     lengths = torch.tensor([len(kept) for kept, _ in continuations], device=out.device)
@@ -534,6 +542,77 @@ def continue_after(rows, cache, tails: list[list[int]], pad_id: int):
     return torch.cat([ids[:, :columns], tail_ids], 1), mask
 
 
+class ThoughtThenAnswer:
+    """M = 1 in ONE generate() call: each answer follows its thought in the same row, so no row
+    waits for the longest thought, and the two stages' rules hold row by row, read from the rows
+    (B, prompt + t) generated so far. As a logits processor it makes a row whose thought ended by
+    eos or budget write </think> next, token by token (the forced close); as a stopping criterion
+    it ends a row once its answer wrote </answer>, eos or its budget."""
+
+    def __init__(self, tokenizer, width: int, cfg: Config):
+        self.width = width  # prompt columns: the generated tokens follow them
+        self.close = tokenizer.encode(THINK_CLOSE, add_special_tokens=False)
+        self.closed = stop_at(tokenizer, THINK_CLOSE)
+        self.answered = stop_at(tokenizer, ANSWER_CLOSE)
+        self.eos = tokenizer.eos_token_id
+        self.budgets = (cfg.max_thought_tokens, cfg.max_answer_tokens)
+        self.answer_start = None  # (B,) tokens generated before a row's answer; -1 while it thinks
+
+    def done(self, rows: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        t = rows.shape[1] - self.width
+        if self.answer_start is None:
+            self.answer_start = torch.full((len(rows),), -1, device=rows.device)
+            self.close_ids = torch.tensor(self.close, device=rows.device)  # once: a copy waits
+        last, thinking = rows[:, -1], self.answer_start < 0
+        closed = thinking & self.closed(rows, scores)
+        ended = thinking & ~closed & ((last == self.eos) | (t >= self.budgets[0]))
+        self.answer_start = torch.where(closed, t, self.answer_start)
+        self.answer_start = torch.where(ended, t + len(self.close), self.answer_start)
+        answer = t - self.answer_start  # its tokens so far, once it thinks no more
+        stop = self.answered(rows, scores) | (last == self.eos) | (answer >= self.budgets[1])
+        return ~thinking & (answer > 0) & stop
+
+    def force_close(self, rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.answer_start is None:  # the first token: every row thinks
+            return scores
+        t = rows.shape[1] - self.width
+        closing = self.answer_start > t  # rows still owing close tokens
+        j = (t - self.answer_start + len(self.close)).clamp(0, len(self.close) - 1)
+        token = self.close_ids[j]
+        kept = scores.gather(1, token[:, None])  # (B, 1) the others' scores of that token
+        scores.masked_fill_(closing[:, None], -float("inf"))
+        return scores.scatter_(1, token[:, None], torch.where(closing[:, None], 0.0, kept))
+
+
+def sample_thought_then_answer(model, tokenizer, prompt_ids, rows, cache, k, cfg, do_sample, static, vision):
+    """M = 1: K continuations of each prompt (rows, cache as for `sample_rows`), each a thought and
+    its answer, cut into the two as the stages cut them. A thought the text check closes before
+    the token check saw its marker (a marker spelt by other tokens) gets its answer from its
+    re-encoded prompt (and images) + thought instead, as the stages sample it.
+    Returns (thoughts, forced closes, [(answer, how it ended)]), row-major."""
+    rules = ThoughtThenAnswer(tokenizer, rows[0].shape[1], cfg)
+    budget = cfg.max_thought_tokens + len(rules.close) + cfg.max_answer_tokens
+    _, (out, _) = sample_rows(model, tokenizer, rows, cache, k, budget, None, cfg, do_sample, static, rules)
+    thoughts, forced, answers, again = [], [], [], []
+    for i, (row, start) in enumerate(zip(out[:, rows[0].shape[1] :].tolist(), rules.answer_start.tolist())):
+        thought, ended = cut_at_stop(row[: cfg.max_thought_tokens], tokenizer, THINK_CLOSE)
+        thoughts.append(thought)
+        forced.append([] if ended == "stop" else rules.close)
+        answer = row[start : start + cfg.max_answer_tokens]
+        answers.append(cut_at_stop(answer, tokenizer, ANSWER_CLOSE))
+        if len(thought) + len(forced[-1]) != start:
+            again.append(i)
+    if again:
+        heads = [prompt_ids[i // k] + thoughts[i] + forced[i] for i in again]
+        images = [vision[i // k] for i in again] if vision else None
+        ids, mask, cache = read_prefixes(model, tokenizer, heads, images)
+        budget = cfg.max_answer_tokens
+        redone, _ = sample_rows(model, tokenizer, (ids, mask), cache, 1, budget, ANSWER_CLOSE, cfg, do_sample)
+        for i, answer in zip(again, redone):
+            answers[i] = answer
+    return thoughts, forced, answers
+
+
 def sample_tree(
     model, tokenizer, prompt_ids, k: int, m: int, cfg: Config, do_sample=True, vision=None, caches=None
 ):
@@ -550,19 +629,24 @@ def sample_tree(
     if caches is not None:
         length = ids.shape[1] + cfg.max_thought_tokens + 1 + len(close) + cfg.max_answer_tokens
         stages = [caches.get(len(prompt_ids) * k, length), caches.get(len(prompt_ids) * k * m, length)]
-    budget = cfg.max_thought_tokens
-    thoughts, rows = sample_rows(
-        model, tokenizer, (ids, mask), cache, k, budget, THINK_CLOSE, cfg, do_sample, stages[0]
-    )
-    if stages[0] is not None:
-        cache = stages[0]  # the thoughts' rows, which the answers continue
-    sampled = [ids for ids, _ in thoughts]
-    forced = [[] if ended == "stop" else close for _, ended in thoughts]
-    rows = continue_after(rows, cache, forced, tokenizer.pad_token_id)
-    budget = cfg.max_answer_tokens
-    answers, _ = sample_rows(
-        model, tokenizer, rows, cache, m, budget, ANSWER_CLOSE, cfg, do_sample, stages[1]
-    )
+    if m == 1:  # nothing branches after a thought: its answer follows it in the same call
+        sampled, forced, answers = sample_thought_then_answer(
+            model, tokenizer, prompt_ids, (ids, mask), cache, k, cfg, do_sample, stages[0], vision
+        )
+    else:
+        budget = cfg.max_thought_tokens
+        thoughts, rows = sample_rows(
+            model, tokenizer, (ids, mask), cache, k, budget, THINK_CLOSE, cfg, do_sample, stages[0]
+        )
+        if stages[0] is not None:
+            cache = stages[0]  # the thoughts' rows, which the answers continue
+        sampled = [ids for ids, _ in thoughts]
+        forced = [[] if ended == "stop" else close for _, ended in thoughts]
+        rows = continue_after(rows, cache, forced, tokenizer.pad_token_id)
+        budget = cfg.max_answer_tokens
+        answers, _ = sample_rows(
+            model, tokenizer, rows, cache, m, budget, ANSWER_CLOSE, cfg, do_sample, stages[1]
+        )
     model.train(was_training)
     thought_texts = tokenizer.batch_decode([s + f for s, f in zip(sampled, forced)], skip_special_tokens=True)
     answer_texts = tokenizer.batch_decode([ids for ids, _ in answers], skip_special_tokens=True)

@@ -153,7 +153,7 @@ def warm(one_torch_thread):
     return run.policy.eval(), run.tokenizer, prompt_ids
 
 
-@pytest.mark.parametrize(("k", "m"), [(3, 1), (2, 3)], ids=["M=1", "M=3"])
+@pytest.mark.parametrize(("k", "m"), [(2, 2), (2, 3)], ids=["M=2", "M=3"])
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
 def test_answers_continued_from_the_thought_cache_equal_answers_from_re_encoded_prefixes(
     warm, monkeypatch, k, m, do_sample
@@ -207,15 +207,117 @@ def test_one_token_prompts_and_one_token_budgets_continue_the_cache(tiny_model, 
 
 
 # ------------------------------------------------------------------------------------------------
+# M = 1: each answer follows its thought in the same generate() call
+# ------------------------------------------------------------------------------------------------
+def counted_reads(monkeypatch) -> list:
+    """Make grpo_ma.read_prefixes note how many prefixes each call reads, in the list returned."""
+    reads = []
+    read_prefixes = G.read_prefixes
+
+    def counting_read_prefixes(model, tokenizer, prefixes, vision=None):
+        reads.append(len(prefixes))
+        return read_prefixes(model, tokenizer, prefixes, vision)
+
+    monkeypatch.setattr(G, "read_prefixes", counting_read_prefixes)
+    return reads
+
+
+@pytest.fixture(params=["</think>", "zq"], ids=["one-token close", "two-token close"])
+def close_marker(request, monkeypatch, warm):
+    """The thought marker: the embedded one token, or "zq" (two character tokens, written token by token
+    when closed by force). Thoughts close after their first "2" and end by eos after their first "7"; the rest
+    run to their budget. Yields the marker's ids."""
+    model, tokenizer, _ = warm
+    monkeypatch.setattr(G, "THINK_CLOSE", request.param)
+    marker = tokenizer.encode(request.param, add_special_tokens=False)
+    token = tokenizer.convert_tokens_to_ids
+    hooks = [
+        prefer_after(model, token("2"), marker[0]),
+        prefer_after(model, token("7"), tokenizer.eos_token_id),
+    ]
+    hooks += [prefer_after(model, before, after) for before, after in zip(marker, marker[1:])]
+    yield marker
+    for hook in hooks:
+        hook.remove()
+
+
+def test_at_m1_greedy_trees_are_the_two_stage_trees_from_one_generate_call(warm, monkeypatch, close_marker):
+    """Thoughts closed by themselves, by eos (kept, then closed by force) and by budget (closed by force):
+    the same tokens, texts and endings as the two stages, from one generate() call that runs as many steps as
+    its longest thought + close + answer, not its longest thought + its longest answer."""
+    model, tokenizer, prompt_ids = warm
+    cfg = G.Config(max_thought_tokens=10, max_answer_tokens=2)  # most answers end by budget
+    got, expected, got_logits, expected_logits = both_trees(
+        model, tokenizer, prompt_ids, 3, 1, cfg, False, monkeypatch
+    )
+    for name in TREE_FIELDS:
+        assert getattr(got, name) == getattr(expected, name), name
+    assert len(got_logits) == 1 and len(expected_logits) == 2
+    rows = [
+        got.thought_ids[p][k] + got.forced_close[p][k] + got.answer_ids[p][k][0]
+        for p, k in got.thought_slots()
+    ]
+    assert got_logits[0].shape[1] == max(map(len, rows))  # forced close tokens are decode steps here
+    thoughts, answers = endings(got)
+    eos = tokenizer.eos_token_id
+    assert thoughts["stop"] and thoughts["forced"] and answers["budget"]
+    assert any(got.thought_ids[p][k][-1:] == [eos] for p, k in got.thought_slots())
+
+
+def test_at_m1_every_sampled_token_is_drawn_from_its_own_rows_prefix(warm, monkeypatch, close_marker):
+    """Seeded sampling: the thoughts are the two stages' draws (one draw per row per step in both), and every
+    token of a row, thought, forced close and answer, is drawn from the logits a plain forward gives on the
+    row's own prompt + tokens so far, with nothing padded or cached: the two stages' distribution."""
+    model, tokenizer, prompt_ids = warm
+    cfg = G.Config(max_thought_tokens=10, max_answer_tokens=4, temperature=1.0)
+    got, expected, got_logits, _ = both_trees(model, tokenizer, prompt_ids, 3, 1, cfg, True, monkeypatch)
+    for name in ("thought_ids", "forced_close"):
+        assert getattr(got, name) == getattr(expected, name), name
+    for row, (p, k) in enumerate(got.thought_slots()):
+        tokens = got.thought_ids[p][k] + got.forced_close[p][k] + got.answer_ids[p][k][0]
+        with torch.no_grad():
+            ids = torch.tensor([prompt_ids[p] + tokens])
+            logits = model(input_ids=ids).logits[0, len(prompt_ids[p]) - 1 : -1]
+        torch.testing.assert_close(
+            torch.log_softmax(got_logits[0][row, : len(tokens)], -1),
+            torch.log_softmax(logits, -1),
+            rtol=0,
+            atol=1e-4,
+        )
+    thoughts, _ = endings(got)
+    assert thoughts["stop"] and thoughts["forced"]
+
+
+def test_at_m1_a_thought_cut_at_a_marker_spelt_by_other_tokens_gets_its_answer_after_the_cut(
+    warm, monkeypatch
+):
+    """With the marker "think" (five character tokens), a thought that writes the one token </think> holds
+    it in its text, so the text cut closes it there while the token check went on: its answer is sampled again
+    after the cut, from the re-encoded prompt + thought, as the two stages sample it."""
+    model, tokenizer, prompt_ids = warm
+    monkeypatch.setattr(G, "THINK_CLOSE", "think")
+    assert len(tokenizer.encode("think", add_special_tokens=False)) == 5
+    read_again = counted_reads(monkeypatch)
+    cfg = G.Config(max_thought_tokens=16, max_answer_tokens=4)
+    got, expected, _, _ = both_trees(model, tokenizer, prompt_ids, 2, 1, cfg, False, monkeypatch)
+    for name in TREE_FIELDS:
+        assert getattr(got, name) == getattr(expected, name), name
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    cut = [p_k for p_k in got.thought_slots() if got.thought_ids[p_k[0]][p_k[1]][-1:] == [close]]
+    assert cut and read_again[1] == len(cut)  # the prompts, then the rows cut by the text
+
+
+# ------------------------------------------------------------------------------------------------
 # compiled decoding on static caches, what a GPU runs: the same tokens, compiled once per run
 # ------------------------------------------------------------------------------------------------
-def assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, samplings, monkeypatch):
+def assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, samplings, monkeypatch, m=3):
     """For each step's (prompts, images): the tree sampled on the run's StaticCaches equals the dynamic-cache
     tree of the same seed, for each do_sample of `samplings`; every generate() step is fed the same widths
     (nothing the cache holds is read again); the first step compiles and later ones never recompile (torch
     raises on a recompile). Returns the StaticCaches."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # graphs an earlier test compiled for the same shapes would serve this one
     caches = G.StaticCaches(model.config)
     start = counters["stats"]["unique_graphs"]
     widths = []
@@ -233,12 +335,12 @@ def assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, sampl
             for do_sample in samplings:
                 torch.manual_seed(step)
                 with G.forward_precision(cfg, torch.device("cpu")):
-                    got = G.sample_tree(model, tokenizer, prompts, 2, 3, cfg, do_sample, vision, caches)
+                    got = G.sample_tree(model, tokenizer, prompts, 2, m, cfg, do_sample, vision, caches)
                 got_widths = widths[:]
                 widths.clear()
                 torch.manual_seed(step)
                 with G.forward_precision(cfg, torch.device("cpu")):
-                    expected = G.sample_tree(model, tokenizer, prompts, 2, 3, cfg, do_sample, vision)
+                    expected = G.sample_tree(model, tokenizer, prompts, 2, m, cfg, do_sample, vision)
                 for name in TREE_FIELDS:
                     assert getattr(got, name) == getattr(expected, name), (step, do_sample, name)
                 assert got_widths == widths
@@ -251,11 +353,16 @@ def assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, sampl
 
 
 @pytest.mark.parametrize(
-    ("backend", "precision"),
-    [("eager", "fp32"), ("eager", "bf16"), pytest.param("inductor", "fp32", marks=pytest.mark.slow)],
+    ("backend", "precision", "m"),
+    [
+        ("eager", "fp32", 3),
+        ("eager", "fp32", 1),
+        ("eager", "bf16", 3),
+        pytest.param("inductor", "fp32", 3, marks=pytest.mark.slow),
+    ],
 )
 def test_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompile(
-    warm, monkeypatch, backend, precision
+    warm, monkeypatch, backend, precision, m
 ):
     """Greedy and seeded sampled trees on static caches equal the dynamic-cache path's on padded prompts, on
     prompts of one width and on one-token prompts (nothing prefilled), and nothing compiles after the first
@@ -269,8 +376,8 @@ def test_compiled_static_cache_rollouts_equal_the_dynamic_ones_and_never_recompi
     prompts = [prompt_ids, [prompt_ids[0]] * 6, one_token, prompt_ids[::-1], [prompt_ids[1]] * 6]
     samplings = (False, True) if precision == "fp32" else (False,)
     steps = [(step, None) for step in prompts]
-    caches = assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, samplings, monkeypatch)
-    assert len(caches.caches) == 2  # one static cache per row count: 6 * 2 thoughts, 6 * 2 * 3 answers
+    caches = assert_compiled_trees_equal_dynamic_ones(model, tokenizer, steps, cfg, samplings, monkeypatch, m)
+    assert len(caches.caches) == min(m, 2)  # one per row count: 6 * 2 thoughts, 6 * 2 * 3 answers
 
 
 def test_compiled_decoding_is_on_when_asked_and_by_default_on_cuda_only():
@@ -361,6 +468,25 @@ def test_vlm_answers_continued_from_the_thought_cache_equal_answers_from_re_enco
     assert_same_tree(got, expected, got_logits, expected_logits)
     thoughts, _ = endings(got)
     assert thoughts["stop"] and thoughts["forced"]
+
+
+@pytest.mark.parametrize("close", ["</think>", "think"], ids=["one-token close", "close spelt by letters"])
+def test_a_vlm_at_m1_greedy_tree_is_the_two_stage_tree(vlm, monkeypatch, close):
+    """M = 1 in one call with images of two sizes: the same tree as the two stages. With the marker "think"
+    (five letters), thoughts that wrote the one token </think> are cut by the text and their answers sampled
+    again from the re-encoded prompt (and image) + thought."""
+    model, tokenizer, prompt_ids, vision = vlm
+    monkeypatch.setattr(G, "THINK_CLOSE", close)
+    reads = counted_reads(monkeypatch)
+    cfg = G.Config(max_thought_tokens=12, max_answer_tokens=4)
+    got, expected, _, _ = both_trees(model, tokenizer, prompt_ids, 3, 1, cfg, False, monkeypatch, vision)
+    for name in TREE_FIELDS:
+        assert getattr(got, name) == getattr(expected, name), name
+    thoughts, _ = endings(got)
+    if close == "think":  # cut by the text inside a token (<think> here): the prompts, then those rows
+        assert len(reads) == 2 and reads[1] > 0
+    else:
+        assert reads == [len(prompt_ids)] and thoughts["stop"] and thoughts["forced"]
 
 
 def test_a_vlm_samples_text_only_prompts_after_image_prompts_as_it_does_before_any(vlm):
