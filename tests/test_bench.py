@@ -10,6 +10,7 @@ from conftest import compiled_with
 
 from demos import gsm8k_qwen, vlm_qwen
 from paper_figures import bench as B
+from paper_figures import rollout_bench as RB
 
 ROW_FIELDS = {
     "name", "section", "config", "model", "text_layers", "vocab", "parameters", "trainable_parameters",
@@ -190,3 +191,24 @@ def test_a_failing_child_reports_its_error():
     setting = B.Setting("broken", "qwen2.5-0.5b", {"no_such_field": 1}, "tiny")
     spec = dict(kind="setting", setting=B.dataclasses.asdict(setting), device="cpu", threads=1)
     assert "no_such_field" in B.measure_in_child(spec)["error"]
+
+
+# ------------------------------------------------------------------------------------------------
+# paper_figures/rollout_bench.py: the rollout at M = 1 against one plain generate()
+# ------------------------------------------------------------------------------------------------
+def test_the_rollout_bench_times_both_rollouts_on_each_decoding_path(tmp_path, monkeypatch):
+    """A tiny run with compiled decoding on (the eager backend): a dynamic and a compiled row, each with the
+    tree's and the plain call's seconds, tokens and generate() steps, and ratios computed from them; the file
+    keeps another device's block."""
+    compiled_with("eager", monkeypatch)
+    (tmp_path / "rollout_bench.json").write_text(json.dumps({"devices": {"cuda": {"kept": True}}}))
+    flags = ["--results-dir", str(tmp_path), "--prompts", "2", "--thoughts", "3", "--rounds", "2"]
+    block = RB.main(flags + ["--warmup-steps", "5", "--compile-decode", "on"])
+    assert [row["path"] for row in block["paths"]] == ["dynamic", "compiled"]
+    for row in block["paths"]:
+        assert row["tree_seconds"] > 0 and row["plain_seconds"] > 0
+        assert row["tree_over_plain"] == pytest.approx(row["tree_seconds"] / row["plain_seconds"])
+        assert row["tree_tokens"] >= row["tree_steps"] > 0 and row["plain_tokens"] >= row["plain_steps"] > 0
+    written = json.loads((tmp_path / "rollout_bench.json").read_text())
+    assert written["devices"]["cuda"] == {"kept": True} and written["devices"]["cpu"] == block
+    assert set(block["paths"][0]) - {"path"} <= set(written["about"])

@@ -14,7 +14,17 @@ import torch
 import grpo_ma
 from grpo_ma_run import RunConfig as Config  # every grpo_ma.Config field, and the run's
 from paper_figures import __main__ as pipeline
-from paper_figures import common, default_runs, planner, plot_run, runs, tables, training, variance
+from paper_figures import (
+    common,
+    default_runs,
+    planner,
+    plot_run,
+    rollout_bench,
+    runs,
+    tables,
+    training,
+    variance,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,6 +173,7 @@ SCRIPTS = {
     "paper_figures.tables": tables.main,
     "paper_figures.plot_run": plot_run.main,
     "paper_figures.planner": planner.main,
+    "paper_figures.rollout_bench": rollout_bench.parse_args,
 }
 
 
