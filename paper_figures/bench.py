@@ -63,8 +63,8 @@ ABOUT = {
     "rollout_seconds": "second step's train_step rollout_seconds: sampling, rewards, advantages, batching",
     "update_seconds": "second step's train_step train_seconds: reference pass, forward, backward, AdamW step",
     "first_step_extra_seconds": "first step's rollout + update seconds minus the second's: start-up costs",
-    "generate_steps": "decode steps of the second step's rollout: the longest sampled thought plus the "
-    "longest sampled answer, in tokens (generate() runs each stage until its last row stops)",
+    "generate_steps": "decode steps of the second step's rollout: the columns its generate() calls added "
+    "(each call runs until its last row stops; at M = 1 one call writes thought and answer)",
     "decode_ms_per_step": "1000 * rollout_seconds / generate_steps (prefills, rewards, batching included)",
     "tokens_generated": "thought and answer tokens sampled in the second step, all rows together",
     "micro_batches": "forward passes of the update per optimizer iteration (train_step's micro_batches)",
@@ -261,29 +261,27 @@ def reset_memory_peak(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def watching_rollouts(trees: list, peaks: list, device: torch.device):
-    """train_step does not return its tree: keep each one sample_tree returns, note the peak so far in `peaks`
-    and start it again, so that the peak read after the step is the update's."""
-    sample_tree = G.sample_tree
+def watching_rollouts(steps: list, peaks: list, device: torch.device):
+    """train_step returns no tree: note the decode steps of each generate() call (the columns it added) in
+    `steps`, and after each rollout the peak so far in `peaks`, starting it again, so that the peak read after
+    the step is the update's."""
+    sample_tree, sample_rows = G.sample_tree, G.sample_rows
 
-    def sample_and_keep(*args, **kwargs):
+    def sample_and_note_peak(*args, **kwargs):
         tree = sample_tree(*args, **kwargs)
-        trees.append(tree)
         peaks.append(memory_peak(device))
         reset_memory_peak(device)
         return tree
 
-    return unittest.mock.patch.object(G, "sample_tree", sample_and_keep)
+    def sample_and_count(model, tokenizer, rows, *args, **kwargs):
+        continuations, (out, mask) = sample_rows(model, tokenizer, rows, *args, **kwargs)
+        steps.append(out.shape[1] - rows[0].shape[1])
+        return continuations, (out, mask)
+
+    return unittest.mock.patch.multiple(G, sample_tree=sample_and_note_peak, sample_rows=sample_and_count)
 
 
 # ======== the measurements (each in a fresh child process) ======================================
-def generate_steps(tree: G.Tree) -> int:
-    """Decode steps of a rollout: generate() runs each stage until its longest row stops."""
-    thoughts = max(len(ids) for by_p in tree.thought_ids for ids in by_p)
-    answers = max(len(ids) for by_p in tree.answer_ids for by_k in by_p for ids in by_k)
-    return thoughts + answers
-
-
 def measure_setting(setting: Setting, device: str) -> dict:
     """Two grpo_ma.train_steps from a fresh start, the second one reported (seconds, decode steps, tokens,
     micro-batches, memory in bytes); the first one's extra seconds are its start-up cost."""
@@ -295,13 +293,13 @@ def measure_setting(setting: Setting, device: str) -> dict:
     records = []
     peaks = []  # the process's peak, in parts: the watcher restarts it after each rollout
     for step in (1, 2):
-        trees = []
+        steps = []
         graphs = counters["stats"]["unique_graphs"]
-        with watching_rollouts(trees, peaks, run.device):
+        with watching_rollouts(steps, peaks, run.device):
             record = G.train_step(step, run, optimizer, progress, reference, cfg)
         if run.device.type == "cuda":  # the optimizer step's kernels may still be queued
             torch.cuda.synchronize()
-        record |= dict(generate_steps=generate_steps(trees[0]), update_peak_bytes=memory_peak(run.device))
+        record |= dict(generate_steps=sum(steps), update_peak_bytes=memory_peak(run.device))
         record["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
         records.append(record)
     first, second = records
