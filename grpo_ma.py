@@ -367,6 +367,12 @@ def right_pad(rows: list[list], value) -> list[list]:
     return [row + [value] * (width - len(row)) for row in rows]
 
 
+def rope_index_module(model):
+    """A vision-language Qwen's module with get_rope_index and the rows' rope offsets (rope_deltas),
+    or None for a text model."""
+    return next((module for module in model.modules() if hasattr(module, "get_rope_index")), None)
+
+
 def model_inputs(model, ids: torch.Tensor, mask: torch.Tensor, vision: list | None = None) -> dict:
     """Inputs of a left-padded batch (B, L), positions counted from a row's first real token,
     as generate() counts. A vision-language Qwen also takes its rows' images (`vision`: [B]
@@ -375,7 +381,7 @@ def model_inputs(model, ids: torch.Tensor, mask: torch.Tensor, vision: list | No
     call: a text-only batch's are zero, never the previous batch's."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
-    rope = next((module for module in model.modules() if hasattr(module, "get_rope_index")), None)
+    rope = rope_index_module(model)
     images = [row for row in vision or [] if row is not None]
     if rope is not None and not images:
         rope.rope_deltas = torch.zeros_like(ids[:, :1])
@@ -513,9 +519,9 @@ def sample_rows(model, tokenizer, rows, cache, n, budget, stop, cfg, do_sample, 
         repeat_into(cache, static, n)
         cache = static
         kwargs["compile_config"] = compile_config(model.device)
-    for module in model.modules():  # a VLM's rope offsets follow its rows (`model_inputs`)
-        if getattr(module, "rope_deltas", None) is not None:
-            module.rope_deltas = module.rope_deltas.repeat_interleave(n, dim=0)
+    rope = rope_index_module(model)
+    if rope is not None and rope.rope_deltas is not None:  # a VLM's offsets follow its rows
+        rope.rope_deltas = rope.rope_deltas.repeat_interleave(n, dim=0)
     ids, mask = (part.repeat_interleave(n, dim=0) for part in rows)
     out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, **kwargs)
     if rules is not None:

@@ -261,11 +261,10 @@ def reset_memory_peak(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def watching_rollouts(steps: list, peaks: list, device: torch.device):
-    """train_step returns no tree: note the decode steps of each generate() call (the columns it added) in
-    `steps`, and after each rollout the peak so far in `peaks`, starting it again, so that the peak read after
+def watching_rollouts(peaks: list, device: torch.device):
+    """After each rollout, note the peak so far in `peaks` and start it again, so that the peak read after
     the step is the update's."""
-    sample_tree, sample_rows = G.sample_tree, G.sample_rows
+    sample_tree = G.sample_tree
 
     def sample_and_note_peak(*args, **kwargs):
         tree = sample_tree(*args, **kwargs)
@@ -273,12 +272,19 @@ def watching_rollouts(steps: list, peaks: list, device: torch.device):
         reset_memory_peak(device)
         return tree
 
+    return unittest.mock.patch.object(G, "sample_tree", sample_and_note_peak)
+
+
+def counting_decode_steps(steps: list):
+    """Note in `steps` the decode steps of each generate() call grpo_ma makes (the columns it added)."""
+    sample_rows = G.sample_rows
+
     def sample_and_count(model, tokenizer, rows, *args, **kwargs):
         continuations, (out, mask) = sample_rows(model, tokenizer, rows, *args, **kwargs)
         steps.append(out.shape[1] - rows[0].shape[1])
         return continuations, (out, mask)
 
-    return unittest.mock.patch.multiple(G, sample_tree=sample_and_note_peak, sample_rows=sample_and_count)
+    return unittest.mock.patch.object(G, "sample_rows", sample_and_count)
 
 
 # ======== the measurements (each in a fresh child process) ======================================
@@ -295,7 +301,7 @@ def measure_setting(setting: Setting, device: str) -> dict:
     for step in (1, 2):
         steps = []
         graphs = counters["stats"]["unique_graphs"]
-        with watching_rollouts(steps, peaks, run.device):
+        with watching_rollouts(peaks, run.device), counting_decode_steps(steps):
             record = G.train_step(step, run, optimizer, progress, reference, cfg)
         if run.device.type == "cuda":  # the optimizer step's kernels may still be queued
             torch.cuda.synchronize()

@@ -77,24 +77,16 @@ def plain_rollout(model, tokenizer, prompt_ids, k: int, cfg: G.Config, caches) -
     return sum(len(row) for row, _ in rows)
 
 
-def timed_rounds(model, rollout, rounds: int, cfg: G.Config, device: torch.device) -> dict:
+def timed_rounds(rollout, rounds: int, cfg: G.Config, device: torch.device) -> dict:
     """Best and mean wall seconds, mean tokens and mean generate() steps of `rounds` timed calls, after one
     untimed call (start-up, compilation)."""
-    steps = []  # tokens each generate() call added to its rows: one forward each
-    generate = model.generate
-
-    def counted_generate(*args, **kwargs):
-        out = generate(*args, **kwargs)
-        steps.append(out.shape[1] - kwargs["input_ids"].shape[1])
-        return out
-
-    model.generate = counted_generate  # a hook on the model would change what the compiled step guards on
+    steps = []  # each generate() call's decode steps
     seconds, tokens, calls = [], [], []
     for round_ in range(rounds + 1):
         torch.manual_seed(round_)
         steps.clear()
         started = time.perf_counter()
-        with G.forward_precision(cfg, device):
+        with G.forward_precision(cfg, device), bench.counting_decode_steps(steps):
             sampled = rollout()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -102,7 +94,6 @@ def timed_rounds(model, rollout, rounds: int, cfg: G.Config, device: torch.devic
             seconds.append(time.perf_counter() - started)
             tokens.append(sampled)
             calls.append(sum(steps))
-    del model.generate
     mean = sum(seconds) / rounds
     return dict(best=min(seconds), mean=mean, tokens=sum(tokens) / rounds, steps=sum(calls) / rounds)
 
@@ -121,7 +112,7 @@ def measure(args: argparse.Namespace) -> dict:
         caches = [G.StaticCaches(model.config) if path == "compiled" else None for _ in range(2)]
         tree = functools.partial(tree_rollout, model, tokenizer, prompt_ids, args.thoughts, cfg, caches[0])
         plain = functools.partial(plain_rollout, model, tokenizer, prompt_ids, args.thoughts, cfg, caches[1])
-        tree, plain = (timed_rounds(model, rollout, args.rounds, cfg, device) for rollout in (tree, plain))
+        tree, plain = (timed_rounds(rollout, args.rounds, cfg, device) for rollout in (tree, plain))
         row = dict(path=path, tree_seconds=tree["best"], plain_seconds=plain["best"])
         row |= dict(tree_over_plain=tree["best"] / plain["best"], tree_tokens=tree["tokens"])
         row |= dict(plain_tokens=plain["tokens"], tree_steps=tree["steps"], plain_steps=plain["steps"])
